@@ -14,6 +14,15 @@ import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
 
 export { tf };
 
+// tfjs registers its own WebGPU backend on import; under Deno that
+// registration breaks on real GPUs (tfjs issue 8518). Drop it so that the
+// default is wasm until initBackend registers WebGPU on a device of ours.
+if (tf.engine().registryFactory["webgpu"] !== undefined) {
+  tf.removeBackend("webgpu");
+}
+// Silence tfjs's "install tfjs-node" banner: Deno looks like Node to it.
+tf.env().set("PROD", true);
+
 /** The backends {@linkcode initBackend} accepts. */
 export type BackendName = "auto" | "webgpu" | "wasm" | "cpu";
 
