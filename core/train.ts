@@ -1,0 +1,569 @@
+/**
+ * One DDPM training step, as the reference's `train_step`, and the state to resume it.
+ *
+ * Notation (Ho et al. 2020, Algorithm 1):
+ *
+ * | code        | paper                                    |
+ * |-------------|------------------------------------------|
+ * | `x0`        | x_0, a batch of images in [-1, 1], NHWC  |
+ * | `t`         | t ~ U{0, ..., T-1} (0-based)             |
+ * | `eps`       | epsilon ~ N(0, I)                        |
+ * | `xt`        | x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps |
+ * | `predict`   | epsilon_theta(x_t, t)                    |
+ *
+ * One step:
+ *
+ * 1. draw t and eps from (seed, step): a resumed run draws the same numbers
+ * 2. x_t = qSample(x0, t, eps); loss = mean((epsilon_theta(x_t, t) - eps)^2)
+ * 3. gradients of the loss; clip their global norm at `maxGradNorm`
+ * 4. read loss and norm (the one device read); a non-finite one stops here
+ * 5. AdamW step, then EMA update
+ *
+ * @module
+ */
+import "./_gradients.ts";
+import { tf } from "./backend.ts";
+import { AdamW, type AdamWConfig, type AdamWState } from "./optim.ts";
+import { Ema, type EmaConfig, type EmaState } from "./ema.ts";
+import { qSample, type Schedule } from "./schedule.ts";
+
+/**
+ * What {@linkcode Trainer} needs of a model: its trainable variables and its
+ * forward pass. `UNet` (core/unet.ts) is one.
+ */
+export interface TrainableModel {
+  /** The trainable parameters by key. */
+  readonly params: ReadonlyMap<string, tf.Variable>;
+  /** Predict the noise in x_t (NHWC float32) at int32 timesteps t. */
+  predict(x: tf.Tensor4D, t: tf.Tensor1D): tf.Tensor4D;
+}
+
+/** Options of {@linkcode Trainer}. */
+export interface TrainerOptions {
+  /** Base seed of the timestep and noise draws; 0 by default. An integer in [0, 2^32). */
+  seed?: number;
+  /** Clip the gradients' global norm at this; 1.0 by default, as the reference. Infinity disables. */
+  maxGradNorm?: number;
+  /** AdamW hyper-parameters; see {@linkcode AdamWConfig}. */
+  optimizer?: Partial<AdamWConfig>;
+  /** EMA settings (see {@linkcode EmaConfig}), or false for no EMA; the reference's constant 0.9999 by default. */
+  ema?: Partial<EmaConfig> | false;
+}
+
+/** What one {@linkcode Trainer.trainStep} did. */
+export interface TrainStepResult {
+  /** Number of steps taken, this one included. */
+  step: number;
+  /** The batch's mean squared error of the noise prediction, before the update. */
+  loss: number;
+  /** The gradients' global L2 norm before clipping. */
+  gradNorm: number;
+}
+
+/**
+ * Everything needed to resume a {@linkcode Trainer} exactly (tensors in TF layouts).
+ *
+ * A checkpoint stores `params`, `ema.params` and the optimizer moments as
+ * tensors, and the rest as JSON.
+ */
+export interface TrainerState {
+  /** Number of steps taken. */
+  step: number;
+  /** Base seed of the draws. */
+  seed: number;
+  /** The clipping threshold. */
+  maxGradNorm: number;
+  /** The model's weights, by key. */
+  params: Map<string, tf.Tensor>;
+  /** The optimizer's hyper-parameters, step and moments. */
+  optimizer: AdamWState;
+  /** The EMA's settings, update count and weights, or null without EMA. */
+  ema: EmaState | null;
+}
+
+/**
+ * Clip gradients to a global L2 norm, as `torch.nn.utils.clip_grad_norm_`.
+ *
+ * total = sqrt(sum of every squared entry); each gradient is multiplied by
+ * min(1, maxNorm / (total + 1e-6)), which leaves it unchanged when the
+ * norm is within bounds. Nothing is read from the device.
+ *
+ * @param grads Gradients by key; not disposed.
+ * @param maxNorm The largest norm allowed, > 0 (Infinity to only measure).
+ * @returns The clipped gradients (new tensors) and the norm before clipping, a scalar; the caller owns both.
+ * @example
+ * ```ts
+ * import { clipGradNorm } from "./train.ts";
+ * import { initBackend, tf } from "./backend.ts";
+ * await initBackend("cpu");
+ * const g = new Map([["a", tf.tensor1d([3, 4])]]);
+ * const { grads, norm } = clipGradNorm(g, 1);
+ * console.log(await norm.data(), await grads.get("a")!.data()); // [5] ~[0.6, 0.8]
+ * tf.dispose([norm, ...grads.values(), ...g.values()]);
+ * ```
+ */
+export function clipGradNorm(
+  grads: ReadonlyMap<string, tf.Tensor>,
+  maxNorm: number,
+): { grads: Map<string, tf.Tensor>; norm: tf.Scalar } {
+  if (!(maxNorm > 0)) {
+    throw new RangeError(
+      `Cannot clip gradients: maxNorm must be positive (got ${maxNorm}, expected > 0)`,
+    );
+  }
+  const keys = [...grads.keys()];
+  const [norm, ...clipped] = tf.tidy(() => {
+    const sumSq = keys.length === 0
+      ? tf.scalar(0)
+      : tf.addN(keys.map((k) => tf.sum(tf.square(grads.get(k)!))));
+    const total = tf.sqrt(sumSq);
+    const coef = tf.minimum(tf.div(maxNorm, tf.add(total, 1e-6)), 1);
+    return [total, ...keys.map((k) => tf.mul(grads.get(k)!, coef))];
+  });
+  return {
+    grads: new Map(keys.map((k, i) => [k, clipped[i]])),
+    norm: norm as tf.Scalar,
+  };
+}
+
+/** A 32-bit integer hash of a few integers (murmur3's finaliser over a running mix). */
+function hash32(...xs: number[]): number {
+  let h = 0x9e3779b9;
+  for (const x of xs) {
+    h = Math.imul(h ^ (x >>> 0), 0x85ebca6b);
+    h ^= h >>> 13;
+    h = Math.imul(h, 0xc2b2ae35);
+    h ^= h >>> 16;
+  }
+  return h >>> 0;
+}
+
+/** Uniform integers in [0, T) from mulberry32 seeded with `seed`. */
+function drawTimesteps(seed: number, n: number, T: number): Int32Array {
+  let a = seed >>> 0;
+  const out = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let z = a;
+    z = Math.imul(z ^ (z >>> 15), z | 1);
+    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+    const u = ((z ^ (z >>> 14)) >>> 0) / 4294967296;
+    out[i] = Math.floor(u * T);
+  }
+  return out;
+}
+
+const TIMESTEP_STREAM = 1;
+const NOISE_STREAM = 2;
+
+function checkSeed(seed: number): void {
+  if (!(Number.isInteger(seed) && seed >= 0 && seed < 2 ** 32)) {
+    throw new RangeError(
+      `Cannot make trainer: seed must be an integer in [0, 2^32) (got ${seed})`,
+    );
+  }
+}
+
+function disposeMap(m: ReadonlyMap<string, tf.Tensor>): void {
+  for (const t of m.values()) t.dispose();
+}
+
+/**
+ * Trains a noise-prediction model with the reference's step: MSE on eps, clip 1.0, AdamW, EMA.
+ *
+ * The trainer owns its optimizer and EMA (free them with
+ * {@linkcode Trainer.dispose}); the model and the schedule stay the caller's.
+ *
+ * @example
+ * ```ts
+ * import { Trainer } from "./train.ts";
+ * import { makeSchedule } from "./schedule.ts";
+ * import { initBackend, tf } from "./backend.ts";
+ * await initBackend("cpu");
+ * // A stand-in model: eps_theta(x, t) = w x (any TrainableModel works, UNet included).
+ * const w = tf.variable(tf.scalar(0));
+ * const model = {
+ *   params: new Map([["w", w]]),
+ *   predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D,
+ * };
+ * const schedule = makeSchedule({ T: 100 });
+ * const trainer = new Trainer(model, schedule, { seed: 1, optimizer: { lr: 1e-2 } });
+ * const x0 = tf.zeros([4, 8, 8, 1]) as tf.Tensor4D;
+ * const { step, loss } = await trainer.trainStep(x0);
+ * console.log(step, loss > 0); // 1 true
+ * trainer.dispose();
+ * tf.dispose([x0, w]);
+ * schedule.dispose();
+ * ```
+ */
+export class Trainer {
+  /** The model being trained (the caller's). */
+  readonly model: TrainableModel;
+  /** The noise schedule (the caller's). */
+  readonly schedule: Schedule;
+  /** The optimizer over `model.params`. */
+  readonly optimizer: AdamW;
+  /** The moving average of `model.params`, or null without EMA. */
+  readonly ema: Ema | null;
+  /** Base seed of the timestep and noise draws. */
+  readonly seed: number;
+  /** The clipping threshold of the gradients' global norm. */
+  readonly maxGradNorm: number;
+  #step = 0;
+
+  /**
+   * Make a trainer for `model` on `schedule`.
+   *
+   * @param model The model to train (a `UNet` or any {@linkcode TrainableModel}).
+   * @param schedule The noise schedule x_t is drawn with.
+   * @param options Seed, clipping, optimizer and EMA settings.
+   */
+  constructor(
+    model: TrainableModel,
+    schedule: Schedule,
+    options: TrainerOptions = {},
+  ) {
+    const { seed = 0, maxGradNorm = 1.0, optimizer = {}, ema = {} } = options;
+    checkSeed(seed);
+    if (!(maxGradNorm > 0)) {
+      throw new RangeError(
+        `Cannot make trainer: maxGradNorm must be positive (got ${maxGradNorm}, expected > 0)`,
+      );
+    }
+    this.model = model;
+    this.schedule = schedule;
+    this.seed = seed;
+    this.maxGradNorm = maxGradNorm;
+    this.optimizer = new AdamW(model.params, optimizer);
+    this.ema = ema === false ? null : new Ema(model.params, ema);
+  }
+
+  /**
+   * Build a trainer that resumes `state` exactly: its settings, then its tensors.
+   *
+   * @param model The model; its weights are overwritten with `state.params`.
+   * @param schedule The noise schedule (not part of the state).
+   * @param state What {@linkcode Trainer.getState} returned, or a checkpoint's equivalent.
+   * @returns The trainer, at `state.step`.
+   * @example
+   * ```ts
+   * import { Trainer } from "./train.ts";
+   * import { makeSchedule } from "./schedule.ts";
+   * import { initBackend, tf } from "./backend.ts";
+   * await initBackend("cpu");
+   * const w = tf.variable(tf.scalar(0));
+   * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+   * const schedule = makeSchedule({ T: 10 });
+   * const a = new Trainer(model, schedule, { seed: 3 });
+   * const state = a.getState();
+   * const b = Trainer.fromState(model, schedule, state);
+   * console.log(b.seed, b.step); // 3 0
+   * tf.dispose([...state.params.values(), ...state.optimizer.expAvg.values(),
+   *   ...state.optimizer.expAvgSq.values(), ...state.ema!.params.values()]);
+   * a.dispose(); b.dispose(); w.dispose(); schedule.dispose();
+   * ```
+   */
+  static fromState(
+    model: TrainableModel,
+    schedule: Schedule,
+    state: TrainerState,
+  ): Trainer {
+    const trainer = new Trainer(model, schedule, {
+      seed: state.seed,
+      maxGradNorm: state.maxGradNorm,
+      optimizer: state.optimizer.config,
+      ema: state.ema === null ? false : state.ema.config,
+    });
+    try {
+      trainer.setState(state);
+    } catch (e) {
+      trainer.dispose();
+      throw e;
+    }
+    return trainer;
+  }
+
+  /** Number of steps taken. */
+  get step(): number {
+    return this.#step;
+  }
+
+  /**
+   * Take one training step on a batch: draw t and eps, MSE loss, clip, AdamW, EMA.
+   *
+   * Reads the device once (loss and norm together). A non-finite loss or
+   * gradient norm throws a RangeError naming the step before any weight
+   * changes.
+   *
+   * @param x0 Clean images, NHWC float32 in [-1, 1]; not disposed.
+   * @returns The step count, the loss and the pre-clip gradient norm.
+   * @example
+   * ```ts
+   * import { Trainer } from "./train.ts";
+   * import { makeSchedule } from "./schedule.ts";
+   * import { initBackend, tf } from "./backend.ts";
+   * await initBackend("cpu");
+   * const w = tf.variable(tf.scalar(0));
+   * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+   * const schedule = makeSchedule({ T: 50 });
+   * const trainer = new Trainer(model, schedule, { ema: false });
+   * const x0 = tf.fill([2, 4, 4, 1], 0.5) as tf.Tensor4D;
+   * const r = await trainer.trainStep(x0);
+   * console.log(r.step, Number.isFinite(r.gradNorm)); // 1 true
+   * trainer.dispose(); tf.dispose([x0, w]); schedule.dispose();
+   * ```
+   */
+  async trainStep(x0: tf.Tensor4D): Promise<TrainStepResult> {
+    if (x0.rank !== 4 || x0.dtype !== "float32") {
+      throw new TypeError(
+        `Cannot take training step: x0 must be a float32 NHWC batch (got ${x0.dtype} rank ${x0.rank}, expected float32 rank 4)`,
+      );
+    }
+    const index = this.#step;
+    const n = x0.shape[0];
+    const timesteps = drawTimesteps(
+      hash32(this.seed, index, TIMESTEP_STREAM),
+      n,
+      this.schedule.T,
+    );
+    const noiseSeed = hash32(this.seed, index, NOISE_STREAM) || 1;
+    const vars = [...this.model.params.values()].filter((v) => v.trainable);
+    const keyOf = new Map(
+      [...this.model.params].map(([k, v]) => [v.name, k] as [string, string]),
+    );
+    // 1-3: draws, loss, gradients, clipping (synchronous, one tidy).
+    const { stats, grads } = tf.tidy(() => {
+      const t = tf.tensor1d(timesteps, "int32");
+      const eps = tf.randomNormal(
+        x0.shape,
+        0,
+        1,
+        "float32",
+        noiseSeed,
+      ) as tf.Tensor4D;
+      const { value, grads: named } = tf.variableGrads(() => {
+        const xt = qSample(x0, t, eps, this.schedule);
+        const pred = this.model.predict(xt, t);
+        return tf.mean(tf.squaredDifference(pred, eps)) as tf.Scalar;
+      }, vars);
+      const raw = new Map<string, tf.Tensor>();
+      for (const [name, g] of Object.entries(named)) {
+        if (g !== null) raw.set(keyOf.get(name)!, g);
+      }
+      const { grads, norm } = clipGradNorm(raw, this.maxGradNorm);
+      return {
+        stats: tf.stack([value, norm]),
+        grads: Object.fromEntries(grads),
+      };
+    });
+    const gradMap = new Map(Object.entries(grads));
+    // 4: the one read; nothing has changed yet.
+    let values: Float32Array;
+    try {
+      values = await stats.data() as Float32Array;
+    } catch (e) {
+      stats.dispose();
+      disposeMap(gradMap);
+      throw e;
+    }
+    stats.dispose();
+    const [loss, gradNorm] = values;
+    if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
+      disposeMap(gradMap);
+      const what = Number.isFinite(loss) ? "gradient norm" : "loss";
+      throw new RangeError(
+        `Cannot take training step ${
+          index + 1
+        }: the ${what} is not finite (got ${
+          Number.isFinite(loss) ? gradNorm : loss
+        }, expected a finite number); no weight was changed`,
+      );
+    }
+    // 5: update the weights, then their average.
+    try {
+      this.optimizer.step(gradMap);
+    } finally {
+      disposeMap(gradMap);
+    }
+    this.ema?.update(this.model.params);
+    this.#step = index + 1;
+    return { step: this.#step, loss, gradNorm };
+  }
+
+  /**
+   * Copy out everything needed to resume: step, seed, weights, optimizer and EMA state.
+   *
+   * @returns The state; its tensors are copies the caller owns (free them with {@linkcode disposeTrainerState}).
+   * @example
+   * ```ts
+   * import { disposeTrainerState, Trainer } from "./train.ts";
+   * import { makeSchedule } from "./schedule.ts";
+   * import { initBackend, tf } from "./backend.ts";
+   * await initBackend("cpu");
+   * const w = tf.variable(tf.scalar(0));
+   * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+   * const schedule = makeSchedule({ T: 10 });
+   * const trainer = new Trainer(model, schedule, { seed: 7 });
+   * const state = trainer.getState();
+   * console.log(state.seed, state.optimizer.config.lr, state.ema?.config.decay); // 7 0.0002 0.9999
+   * disposeTrainerState(state);
+   * trainer.dispose(); w.dispose(); schedule.dispose();
+   * ```
+   */
+  getState(): TrainerState {
+    return {
+      step: this.#step,
+      seed: this.seed,
+      maxGradNorm: this.maxGradNorm,
+      params: new Map(
+        [...this.model.params].map((
+          [k, v],
+        ) => [k, tf.clone(v)] as [string, tf.Tensor]),
+      ),
+      optimizer: this.optimizer.getState(),
+      ema: this.ema === null ? null : this.ema.getState(),
+    };
+  }
+
+  /**
+   * Restore a state into this trainer: model weights, optimizer, EMA and step are copied in.
+   *
+   * Seed, clipping, optimizer and EMA settings must equal this trainer's;
+   * {@linkcode Trainer.fromState} builds a trainer with them.
+   *
+   * @param state The state to restore; its tensors stay the caller's.
+   * @returns Nothing.
+   * @example
+   * ```ts
+   * import { disposeTrainerState, Trainer } from "./train.ts";
+   * import { makeSchedule } from "./schedule.ts";
+   * import { initBackend, tf } from "./backend.ts";
+   * await initBackend("cpu");
+   * const w = tf.variable(tf.scalar(0));
+   * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+   * const schedule = makeSchedule({ T: 10 });
+   * const trainer = new Trainer(model, schedule);
+   * const state = trainer.getState();
+   * state.step = 42;
+   * trainer.setState(state);
+   * console.log(trainer.step); // 42
+   * disposeTrainerState(state);
+   * trainer.dispose(); w.dispose(); schedule.dispose();
+   * ```
+   */
+  setState(state: TrainerState): void {
+    const mismatch = (name: string, got: unknown, expected: unknown) =>
+      new RangeError(
+        `Cannot restore trainer state: ${name} differs (got ${got}, expected ${expected})`,
+      );
+    if (state.seed !== this.seed) {
+      throw mismatch("seed", state.seed, this.seed);
+    }
+    if (state.maxGradNorm !== this.maxGradNorm) {
+      throw mismatch("maxGradNorm", state.maxGradNorm, this.maxGradNorm);
+    }
+    if ((state.ema === null) !== (this.ema === null)) {
+      throw mismatch(
+        "EMA presence",
+        state.ema === null ? "none" : "an EMA",
+        this.ema === null ? "none" : "an EMA",
+      );
+    }
+    if (!(Number.isInteger(state.step) && state.step >= 0)) {
+      throw new RangeError(
+        `Cannot restore trainer state: step must be a non-negative integer (got ${state.step})`,
+      );
+    }
+    for (const [key, p] of this.model.params) {
+      const s = state.params.get(key);
+      if (
+        s === undefined || s.shape.length !== p.shape.length ||
+        s.shape.some((d, i) => d !== p.shape[i])
+      ) {
+        throw new TypeError(
+          `Cannot restore trainer state: weight "${key}" is missing or misshapen (got ${
+            s === undefined ? "none" : `[${s.shape}]`
+          }, expected [${p.shape}])`,
+        );
+      }
+    }
+    // Settings first, so that a mismatch leaves everything untouched; the
+    // parts then check their tensors before they write.
+    const configs: [string, object, object][] = [
+      ["optimizer", state.optimizer.config, this.optimizer.config],
+    ];
+    if (this.ema !== null) {
+      configs.push(["EMA", state.ema!.config, this.ema.config]);
+    }
+    for (const [what, got, expected] of configs) {
+      const bad = Object.entries(expected).find(([k, v]) =>
+        (got as Record<string, unknown>)[k] !== v
+      );
+      if (bad !== undefined) {
+        throw mismatch(
+          `${what} ${bad[0]}`,
+          (got as Record<string, unknown>)[bad[0]],
+          bad[1],
+        );
+      }
+    }
+    this.optimizer.setState(state.optimizer);
+    if (this.ema !== null) this.ema.setState(state.ema!);
+    tf.tidy(() => {
+      for (const [key, p] of this.model.params) {
+        p.assign(tf.cast(state.params.get(key)!, "float32"));
+      }
+    });
+    this.#step = state.step;
+  }
+
+  /**
+   * Free the optimizer's moments and the EMA weights (the model and schedule stay the caller's).
+   *
+   * @returns Nothing.
+   * @example
+   * ```ts
+   * import { Trainer } from "./train.ts";
+   * import { makeSchedule } from "./schedule.ts";
+   * import { initBackend, tf } from "./backend.ts";
+   * await initBackend("cpu");
+   * const w = tf.variable(tf.scalar(0));
+   * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+   * const schedule = makeSchedule({ T: 10 });
+   * new Trainer(model, schedule).dispose();
+   * w.dispose(); schedule.dispose();
+   * ```
+   */
+  dispose(): void {
+    this.optimizer.dispose();
+    this.ema?.dispose();
+  }
+}
+
+/**
+ * Free the tensors of a {@linkcode TrainerState}: weights, moments and EMA weights.
+ *
+ * @param state A state from {@linkcode Trainer.getState}.
+ * @returns Nothing.
+ * @example
+ * ```ts
+ * import { disposeTrainerState, Trainer } from "./train.ts";
+ * import { makeSchedule } from "./schedule.ts";
+ * import { initBackend, tf } from "./backend.ts";
+ * await initBackend("cpu");
+ * const w = tf.variable(tf.scalar(0));
+ * const model = { params: new Map([["w", w]]), predict: (x: tf.Tensor4D) => tf.mul(w, x) as tf.Tensor4D };
+ * const schedule = makeSchedule({ T: 10 });
+ * const trainer = new Trainer(model, schedule);
+ * const before = tf.memory().numTensors;
+ * disposeTrainerState(trainer.getState());
+ * console.log(tf.memory().numTensors === before); // true
+ * trainer.dispose(); w.dispose(); schedule.dispose();
+ * ```
+ */
+export function disposeTrainerState(state: TrainerState): void {
+  disposeMap(state.params);
+  disposeMap(state.optimizer.expAvg);
+  disposeMap(state.optimizer.expAvgSq);
+  if (state.ema !== null) disposeMap(state.ema.params);
+}
