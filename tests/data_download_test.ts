@@ -460,3 +460,41 @@ Deno.test("a connection cut mid-body fails, names the URL, and leaves no file", 
     await served.catch(() => {});
   }
 });
+
+Deno.test("a server that never answers times out, names the URL, and leaves no file", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })();
+  try {
+    let error: unknown;
+    await withCache(async (cacheDir) => {
+      try {
+        await loadDataset({
+          name: "mnist",
+          cacheDir,
+          mirrors: [`http://127.0.0.1:${port}/`],
+          fallback: false,
+          timeoutMs: 200,
+        });
+      } catch (e) {
+        error = e;
+      }
+      assert.deepEqual(await filesUnder(cacheDir), []);
+    });
+    assert.ok(error instanceof DownloadError);
+    assert.match(
+      error.message,
+      new RegExp(
+        `http://127.0.0.1:${port}/${IMAGES} failed \\(timed out: no response for 0.2 s\\)`,
+      ),
+    );
+    assert.equal(error.unreachable, true);
+  } finally {
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of held) conn.close();
+  }
+});
