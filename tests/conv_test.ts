@@ -1,0 +1,381 @@
+import assert from "node:assert/strict";
+import { initBackend, tf } from "../core/backend.ts";
+import { conv2d, conv2dTranspose } from "../core/_conv.ts";
+
+type Shape4 = [number, number, number, number];
+
+/** A seeded uniform [-1, 1) stream (mulberry32), independent of tfjs. */
+function randoms(n: number, seed: number): Float32Array {
+  let a = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out[i] = (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
+  }
+  return out;
+}
+
+const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
+const at4 = (s: number[], a: number, b: number, c: number, d: number) =>
+  ((a * s[1] + b) * s[2] + c) * s[3] + d;
+
+interface Naive {
+  y: Float64Array;
+  dx: Float64Array;
+  dw: Float64Array;
+}
+
+/**
+ * Direct convolution by its definition (PyTorch semantics), and the
+ * gradients of sum(y * r) with respect to x and w, all in float64.
+ * w is [kh, kw, Cin, Cout].
+ */
+function naiveConv(
+  x: Float32Array,
+  xs: Shape4,
+  w: Float32Array,
+  ws: Shape4,
+  r: Float32Array,
+  stride: number,
+  pad: number,
+): Naive {
+  const [n, h, wd, cin] = xs;
+  const [kh, kw, , cout] = ws;
+  const oh = Math.floor((h + 2 * pad - kh) / stride) + 1;
+  const ow = Math.floor((wd + 2 * pad - kw) / stride) + 1;
+  const ys = [n, oh, ow, cout];
+  const y = new Float64Array(size(ys));
+  const dx = new Float64Array(x.length);
+  const dw = new Float64Array(w.length);
+  for (let b = 0; b < n; b++) {
+    for (let oy = 0; oy < oh; oy++) {
+      for (let ox = 0; ox < ow; ox++) {
+        for (let i = 0; i < kh; i++) {
+          const iy = oy * stride + i - pad;
+          if (iy < 0 || iy >= h) continue;
+          for (let j = 0; j < kw; j++) {
+            const ix = ox * stride + j - pad;
+            if (ix < 0 || ix >= wd) continue;
+            for (let c = 0; c < cin; c++) {
+              const xi = at4(xs, b, iy, ix, c);
+              for (let o = 0; o < cout; o++) {
+                const wi = at4(ws, i, j, c, o);
+                const yi = at4(ys, b, oy, ox, o);
+                y[yi] += x[xi] * w[wi];
+                dx[xi] += r[yi] * w[wi];
+                dw[wi] += r[yi] * x[xi];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return { y, dx, dw };
+}
+
+/**
+ * Transposed convolution by its definition (PyTorch's ConvTranspose2d:
+ * input pixel (iy, ix) scatters w into output (iy s + i - pad, ix s + j - pad)),
+ * and the gradients of sum(y * r). w is [kh, kw, Cout, Cin].
+ */
+function naiveConvT(
+  x: Float32Array,
+  xs: Shape4,
+  w: Float32Array,
+  ws: Shape4,
+  r: Float32Array,
+  outShape: Shape4,
+  stride: number,
+  pad: number,
+): Naive {
+  const [n, h, wd, cin] = xs;
+  const [kh, kw, cout] = ws;
+  const [, oh, ow] = outShape;
+  const y = new Float64Array(size(outShape));
+  const dx = new Float64Array(x.length);
+  const dw = new Float64Array(w.length);
+  for (let b = 0; b < n; b++) {
+    for (let iy = 0; iy < h; iy++) {
+      for (let ix = 0; ix < wd; ix++) {
+        for (let i = 0; i < kh; i++) {
+          const oy = iy * stride + i - pad;
+          if (oy < 0 || oy >= oh) continue;
+          for (let j = 0; j < kw; j++) {
+            const ox = ix * stride + j - pad;
+            if (ox < 0 || ox >= ow) continue;
+            for (let c = 0; c < cin; c++) {
+              const xi = at4(xs, b, iy, ix, c);
+              for (let o = 0; o < cout; o++) {
+                const wi = at4(ws, i, j, o, c);
+                const yi = at4(outShape, b, oy, ox, o);
+                y[yi] += x[xi] * w[wi];
+                dx[xi] += r[yi] * w[wi];
+                dw[wi] += r[yi] * x[xi];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return { y, dx, dw };
+}
+
+/** max |got - want| / max |want|. */
+function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
+  assert.equal(got.length, want.length);
+  let diff = 0;
+  let scale = 0;
+  for (let i = 0; i < want.length; i++) {
+    diff = Math.max(diff, Math.abs(got[i] - want[i]));
+    scale = Math.max(scale, Math.abs(want[i]));
+  }
+  return diff / scale;
+}
+
+/** The op's output and its gradients of sum(y * r), read back. */
+function withGrads(
+  f: (x: tf.Tensor4D, w: tf.Tensor4D) => tf.Tensor4D,
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  r: tf.Tensor4D,
+): { y: Float32Array; dx: Float32Array; dw: Float32Array } {
+  const y = f(x, w);
+  const g = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
+    tf.sum(tf.mul(f(a as tf.Tensor4D, b as tf.Tensor4D), r))
+  );
+  const [dx, dw] = g([x, w]);
+  const out = {
+    y: y.dataSync() as Float32Array,
+    dx: dx.dataSync() as Float32Array,
+    dw: dw.dataSync() as Float32Array,
+  };
+  tf.dispose([y, dx, dw]);
+  return out;
+}
+
+interface ConvCase {
+  x: Shape4;
+  k: number;
+  cout: number;
+  stride: number;
+  pad: number;
+}
+
+const CONV_CASES: ConvCase[] = [
+  { x: [2, 8, 8, 3], k: 3, cout: 5, stride: 1, pad: 1 },
+  { x: [2, 8, 8, 4], k: 3, cout: 6, stride: 2, pad: 1 },
+  { x: [3, 7, 7, 2], k: 3, cout: 3, stride: 2, pad: 1 },
+  { x: [2, 6, 6, 5], k: 1, cout: 4, stride: 1, pad: 0 },
+  { x: [1, 5, 9, 3], k: 3, cout: 2, stride: 1, pad: 1 },
+  { x: [2, 9, 6, 2], k: 4, cout: 3, stride: 2, pad: 1 },
+];
+
+interface ConvTCase {
+  x: Shape4;
+  k: number;
+  cout: number;
+  out: [number, number];
+  stride: number;
+  pad: number;
+}
+
+const CONVT_CASES: ConvTCase[] = [
+  { x: [2, 4, 4, 6], k: 4, cout: 3, out: [8, 8], stride: 2, pad: 1 },
+  { x: [2, 3, 5, 4], k: 4, cout: 2, out: [6, 10], stride: 2, pad: 1 },
+  // PyTorch's output_padding = 1: (4 - 1) 2 - 2 + 3 = 7, asked for 8.
+  { x: [1, 4, 4, 3], k: 3, cout: 2, out: [8, 8], stride: 2, pad: 1 },
+  { x: [2, 5, 5, 3], k: 3, cout: 4, out: [5, 5], stride: 1, pad: 1 },
+];
+
+function convData(c: ConvCase, seed: number) {
+  const ws: Shape4 = [c.k, c.k, c.x[3], c.cout];
+  const oh = Math.floor((c.x[1] + 2 * c.pad - c.k) / c.stride) + 1;
+  const ow = Math.floor((c.x[2] + 2 * c.pad - c.k) / c.stride) + 1;
+  const rs: Shape4 = [c.x[0], oh, ow, c.cout];
+  return {
+    ws,
+    rs,
+    x: randoms(size(c.x), seed),
+    w: randoms(size(ws), seed + 1),
+    r: randoms(size(rs), seed + 2),
+  };
+}
+
+function convTData(c: ConvTCase, seed: number) {
+  const ws: Shape4 = [c.k, c.k, c.cout, c.x[3]];
+  const os: Shape4 = [c.x[0], c.out[0], c.out[1], c.cout];
+  return {
+    ws,
+    os,
+    x: randoms(size(c.x), seed),
+    w: randoms(size(ws), seed + 1),
+    r: randoms(size(os), seed + 2),
+  };
+}
+
+/** The custom ops and their gradients against the direct definitions. */
+function checkAgainstNaive(): void {
+  CONV_CASES.forEach((c, i) => {
+    const d = convData(c, 10 * i);
+    const want = naiveConv(d.x, c.x, d.w, d.ws, d.r, c.stride, c.pad);
+    const got = withGrads(
+      (a, b) => conv2d(a, b, c.stride, c.pad),
+      tf.tensor4d(d.x, c.x),
+      tf.tensor4d(d.w, d.ws),
+      tf.tensor4d(d.r, d.rs),
+    );
+    const what = `conv ${JSON.stringify(c)} on ${tf.getBackend()}`;
+    assert.ok(relErr(got.y, want.y) < 1e-5, `y of ${what}`);
+    assert.ok(relErr(got.dx, want.dx) < 1e-5, `dx of ${what}`);
+    assert.ok(relErr(got.dw, want.dw) < 1e-5, `dw of ${what}`);
+  });
+  CONVT_CASES.forEach((c, i) => {
+    const d = convTData(c, 100 + 10 * i);
+    const want = naiveConvT(d.x, c.x, d.w, d.ws, d.r, d.os, c.stride, c.pad);
+    const got = withGrads(
+      (a, b) => conv2dTranspose(a, b, d.os, c.stride, c.pad),
+      tf.tensor4d(d.x, c.x),
+      tf.tensor4d(d.w, d.ws),
+      tf.tensor4d(d.r, d.os),
+    );
+    const what = `transposed conv ${JSON.stringify(c)} on ${tf.getBackend()}`;
+    assert.ok(relErr(got.y, want.y) < 1e-5, `y of ${what}`);
+    assert.ok(relErr(got.dx, want.dx) < 1e-5, `dx of ${what}`);
+    assert.ok(relErr(got.dw, want.dw) < 1e-5, `dw of ${what}`);
+  });
+}
+
+Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradients on cpu", async () => {
+  await initBackend("cpu");
+  tf.engine().startScope();
+  checkAgainstNaive();
+  tf.engine().endScope();
+});
+
+Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradients on wasm", async () => {
+  const got = await initBackend("wasm");
+  assert.equal(got.backend, "wasm");
+  tf.engine().startScope();
+  checkAgainstNaive();
+  tf.engine().endScope();
+  await initBackend("cpu");
+});
+
+Deno.test("custom gradients equal tfjs's built-in conv gradients on cpu", async () => {
+  await initBackend("cpu");
+  tf.engine().startScope();
+  CONV_CASES.forEach((c, i) => {
+    const d = convData(c, 1000 + 10 * i);
+    const x = tf.tensor4d(d.x, c.x);
+    const w = tf.tensor4d(d.w, d.ws);
+    const r = tf.tensor4d(d.r, d.rs);
+    const ours = withGrads((a, b) => conv2d(a, b, c.stride, c.pad), x, w, r);
+    const theirs = withGrads(
+      (a, b) =>
+        tf.conv2d(a, b, c.stride, [[0, 0], [c.pad, c.pad], [
+          c.pad,
+          c.pad,
+        ], [0, 0]]),
+      x,
+      w,
+      r,
+    );
+    const what = `conv ${JSON.stringify(c)}`;
+    assert.ok(relErr(ours.y, theirs.y) < 1e-4, `y of ${what}`);
+    assert.ok(relErr(ours.dx, theirs.dx) < 1e-4, `dx of ${what}`);
+    assert.ok(relErr(ours.dw, theirs.dw) < 1e-4, `dw of ${what}`);
+  });
+  CONVT_CASES.forEach((c, i) => {
+    const d = convTData(c, 2000 + 10 * i);
+    const x = tf.tensor4d(d.x, c.x);
+    const w = tf.tensor4d(d.w, d.ws);
+    const r = tf.tensor4d(d.r, d.os);
+    const ours = withGrads(
+      (a, b) => conv2dTranspose(a, b, d.os, c.stride, c.pad),
+      x,
+      w,
+      r,
+    );
+    const theirs = withGrads(
+      (a, b) => tf.conv2dTranspose(a, b, d.os, c.stride, c.pad),
+      x,
+      w,
+      r,
+    );
+    const what = `transposed conv ${JSON.stringify(c)}`;
+    assert.ok(relErr(ours.y, theirs.y) < 1e-4, `y of ${what}`);
+    assert.ok(relErr(ours.dx, theirs.dx) < 1e-4, `dx of ${what}`);
+    assert.ok(relErr(ours.dw, theirs.dw) < 1e-4, `dw of ${what}`);
+  });
+  tf.engine().endScope();
+});
+
+Deno.test("conv gradients on wasm equal tfjs's built-in ones computed on cpu", async () => {
+  // A training-sized case: batch 4, 16x16, 8 -> 16 channels, stride 1 and 2.
+  const shapes: ConvCase[] = [
+    { x: [4, 16, 16, 8], k: 3, cout: 16, stride: 1, pad: 1 },
+    { x: [4, 16, 16, 8], k: 3, cout: 8, stride: 2, pad: 1 },
+  ];
+  for (const [i, c] of shapes.entries()) {
+    const d = convData(c, 3000 + 10 * i);
+    const run = (op: (a: tf.Tensor4D, b: tf.Tensor4D) => tf.Tensor4D) =>
+      tf.tidy(() =>
+        withGrads(
+          op,
+          tf.tensor4d(d.x, c.x),
+          tf.tensor4d(d.w, d.ws),
+          tf.tensor4d(d.r, d.rs),
+        )
+      );
+    await initBackend("cpu");
+    const pad = c.pad;
+    const want = run((a, b) =>
+      tf.conv2d(a, b, c.stride, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    );
+    await initBackend("wasm");
+    const before = tf.memory().numTensors;
+    const got = run((a, b) => conv2d(a, b, c.stride, c.pad));
+    assert.equal(tf.memory().numTensors, before);
+    assert.ok(relErr(got.dx, want.dx) < 1e-4, `dx, stride ${c.stride}`);
+    assert.ok(relErr(got.dw, want.dw) < 1e-4, `dw, stride ${c.stride}`);
+  }
+  await initBackend("cpu");
+});
+
+Deno.test("conv ops leak no tensor through forward and backward", async () => {
+  await initBackend("cpu");
+  const x = tf.ones([1, 4, 4, 2]) as tf.Tensor4D;
+  const w = tf.ones([3, 3, 2, 3]) as tf.Tensor4D;
+  const wt = tf.ones([4, 4, 2, 2]) as tf.Tensor4D;
+  const before = tf.memory().numTensors;
+  const y = conv2d(x, w, 2, 1);
+  const z = conv2dTranspose(x, wt, [1, 8, 8, 2], 2, 1);
+  const [gx, gw] = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
+    tf.sum(conv2d(a as tf.Tensor4D, b as tf.Tensor4D, 1, 1))
+  )([x, w]);
+  assert.equal(tf.memory().numTensors, before + 4);
+  tf.dispose([y, z, gx, gw]);
+  assert.equal(tf.memory().numTensors, before);
+  tf.dispose([x, w, wt]);
+});
+
+Deno.test("conv ops reject bad strides, paddings and output shapes", async () => {
+  await initBackend("cpu");
+  const x = tf.ones([1, 4, 4, 2]) as tf.Tensor4D;
+  const w = tf.ones([3, 3, 2, 3]) as tf.Tensor4D;
+  const wt = tf.ones([4, 4, 3, 2]) as tf.Tensor4D;
+  assert.throws(() => conv2d(x, w, 0, 1), RangeError);
+  assert.throws(() => conv2d(x, w, 1, 3), RangeError);
+  assert.throws(() => conv2d(x, w, 1.5, 1), RangeError);
+  assert.throws(
+    () => conv2dTranspose(x, wt, [1, 10, 10, 3], 2, 1),
+    /Cannot transpose-convolve: output shape does not fit/,
+  );
+  assert.throws(() => conv2dTranspose(x, wt, [1, 8, 8, 2], 2, 1), TypeError);
+  tf.dispose([x, w, wt]);
+});
