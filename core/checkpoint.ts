@@ -230,7 +230,7 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  */
 export async function encodeCheckpoint(
   state: CheckpointState,
-): Promise<Uint8Array> {
+): Promise<Uint8Array<ArrayBuffer>> {
   const { config } = state;
   const shapes = unetParamShapes(config);
   const groups: [Group, ReadonlyMap<string, tf.Tensor>][] = [[

@@ -448,7 +448,7 @@ function parseEntry(file: string, name: string, info: unknown): Entry {
 export function encodeSafetensors(
   tensors: ReadonlyMap<string, SafetensorsInput>,
   metadata: Readonly<Record<string, string>> = {},
-): Uint8Array {
+): Uint8Array<ArrayBuffer> {
   const items = [...tensors].map(([name, t]) => {
     const dtype = t.data instanceof Float32Array
       ? "F32"

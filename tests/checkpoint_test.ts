@@ -503,3 +503,36 @@ Deno.test("saveCheckpoint into a missing directory fails cleanly and leaves noth
   unet.dispose();
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("loadUNet reads from an http URL, and reports an HTTP error status", async () => {
+  const fx = await readFixture("unet_base8.safetensors");
+  const bytes = encodeSafetensors(fx.weights, fx.metadata);
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    (req) =>
+      new URL(req.url).pathname === "/unet.safetensors"
+        ? new Response(bytes)
+        : new Response("no", { status: 404, statusText: "Not Found" }),
+  );
+  const root = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    const before = tf.memory().numTensors;
+    const unet = await loadUNet(new URL(`${root}/unet.safetensors`));
+    assert.deepEqual(unet.config, { inChannels: 1, base: 8, timeDim: 32 });
+    unet.dispose();
+    await assert.rejects(
+      () => loadUNet(new URL(`${root}/missing.safetensors`)),
+      (e: unknown) => {
+        assert.ok(e instanceof Error);
+        assert.equal(
+          e.message,
+          `Cannot load checkpoint "${root}/missing.safetensors": HTTP 404 Not Found (expected 200)`,
+        );
+        return true;
+      },
+    );
+    assert.equal(tf.memory().numTensors, before);
+  } finally {
+    await server.shutdown();
+  }
+});
