@@ -10,7 +10,7 @@
  * | quantity              | computed as                                                   |
  * |-----------------------|---------------------------------------------------------------|
  * | conv forward          | `tf.conv2d` with explicit symmetric padding                   |
- * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm a stride-1 `tf.conv2d` of the zero-dilated input with the flipped kernel |
+ * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
  * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride |
  *
@@ -85,12 +85,50 @@ function convOutSize(n: number, k: number, stride: number, pad: number) {
 }
 
 /**
+ * The taps of output phase `a` (outputs o = s q + a) along one axis of a
+ * transposed convolution with kernel size k: kernel indices r, r + s, ...
+ * (`count` of them), input index q + m - j for tap r + s j.
+ */
+function phaseTaps(k: number, a: number, stride: number, pad: number) {
+  const r = (a + pad) % stride;
+  const m = Math.floor((a + pad) / stride);
+  const count = r < k ? Math.ceil((k - r) / stride) : 0;
+  return { r, m, count };
+}
+
+/** Pad (positive amounts) or crop (negative amounts) the spatial borders. */
+function padOrCrop(
+  x: tf.Tensor4D,
+  top: number,
+  bottom: number,
+  left: number,
+  right: number,
+): tf.Tensor4D {
+  const [n, h, w, c] = x.shape;
+  let y = x;
+  const t0 = Math.max(0, -top);
+  const b0 = Math.max(0, -bottom);
+  const l0 = Math.max(0, -left);
+  const r0 = Math.max(0, -right);
+  if (t0 + b0 + l0 + r0 > 0) {
+    y = tf.slice(y, [0, t0, l0, 0], [n, h - t0 - b0, w - l0 - r0, c]);
+  }
+  const [t1, b1, l1, r1] = [top, bottom, left, right].map((p) =>
+    Math.max(0, p)
+  );
+  if (t1 + b1 + l1 + r1 > 0) y = tf.pad(y, spatialPadding(t1, b1, l1, r1));
+  return y;
+}
+
+/**
  * The adjoint of `conv2d(., w, stride, pad)` applied to `dy`: what
  * `tf.conv2dTranspose(dy, w, outShape, stride, pad)` computes.
  *
- * On wasm this is a stride-1 convolution of `dy` dilated by the stride
- * (zeros between pixels) with the spatially flipped, in/out-swapped kernel:
- * wasm's own Conv2DBackpropInput is a plain loop, 3-12x slower.
+ * On wasm, whose own Conv2DBackpropInput is a plain loop (3-12x slower than
+ * this), it is split by output phase: the outputs o = s q + a (per axis)
+ * see only the kernel taps r_a, r_a + s, ..., so each of the s^2 phases is
+ * a stride-1 `tf.conv2d` of `dy` with a sub-kernel (flipped, in and out
+ * swapped), and the phases are interleaved into the output.
  */
 function adjoint(
   dy: tf.Tensor4D,
@@ -103,35 +141,61 @@ function adjoint(
     return tf.conv2dTranspose(dy, w, outShape, stride, pad);
   }
   return tf.tidy(() => {
-    const [n, h, wd, c] = dy.shape;
-    const [kh, kw] = w.shape;
-    let dilated: tf.Tensor4D = dy;
-    if (stride > 1) {
-      const spread = tf.pad(tf.reshape(dy, [n, h, 1, wd, 1, c]), [
-        [0, 0],
-        [0, 0],
-        [0, stride - 1],
-        [0, 0],
-        [0, stride - 1],
-        [0, 0],
-      ]);
-      dilated = tf.slice(
-        tf.reshape(spread, [n, h * stride, wd * stride, c]),
-        [0, 0, 0, 0],
-        [n, (h - 1) * stride + 1, (wd - 1) * stride + 1, c],
-      ) as tf.Tensor4D;
+    const [n, h, wd] = dy.shape;
+    const [kh, kw, cout, cin] = w.shape;
+    const [, oh, ow] = outShape;
+    const qh = Math.ceil(oh / stride);
+    const qw = Math.ceil(ow / stride);
+    const flipped = tf.reverse(w, [0, 1]);
+    const rows: tf.Tensor4D[] = [];
+    for (let a = 0; a < stride; a++) {
+      const cols: tf.Tensor4D[] = [];
+      for (let b = 0; b < stride; b++) {
+        const ty = phaseTaps(kh, a, stride, pad);
+        const tx = phaseTaps(kw, b, stride, pad);
+        if (ty.count === 0 || tx.count === 0) {
+          cols.push(tf.zeros([n, qh, qw, cout]));
+          continue;
+        }
+        // Taps r + s j for j = count - 1, ..., 0 sit in the flipped kernel
+        // at k - 1 - r - s (count - 1), then every s-th.
+        const y0 = kh - 1 - ty.r - stride * (ty.count - 1);
+        const x0 = kw - 1 - tx.r - stride * (tx.count - 1);
+        const sub = tf.transpose(
+          tf.stridedSlice(
+            flipped,
+            [y0, x0, 0, 0],
+            [
+              y0 + stride * (ty.count - 1) + 1,
+              x0 + stride * (tx.count - 1) + 1,
+              cout,
+              cin,
+            ],
+            [stride, stride, 1, 1],
+          ),
+          [0, 1, 3, 2],
+        ) as tf.Tensor4D;
+        const top = ty.count - 1 - ty.m;
+        const left = tx.count - 1 - tx.m;
+        const bottom = qh - h - top + ty.count - 1;
+        const right = qw - wd - left + tx.count - 1;
+        cols.push(
+          tf.conv2d(padOrCrop(dy, top, bottom, left, right), sub, 1, "valid"),
+        );
+      }
+      rows.push(stride === 1 ? cols[0] : tf.stack(cols, 3) as tf.Tensor4D);
     }
-    const top = kh - 1 - pad;
-    const left = kw - 1 - pad;
-    const bottom = outShape[1] + kh - 1 - top - dilated.shape[1];
-    const right = outShape[2] + kw - 1 - left - dilated.shape[2];
-    const flipped = tf.transpose(tf.reverse(w, [0, 1]), [0, 1, 3, 2]);
-    return tf.conv2d(
-      dilated,
-      flipped as tf.Tensor4D,
-      1,
-      spatialPadding(top, bottom, left, right),
-    );
+    if (stride === 1) return rows[0];
+    // rows[a] is [n, qh, qw, s, cout]; stacked: [n, qh, s, qw, s, cout].
+    const full = tf.reshape(tf.stack(rows, 2), [
+      n,
+      qh * stride,
+      qw * stride,
+      cout,
+    ]) as tf.Tensor4D;
+    return qh * stride === oh && qw * stride === ow
+      ? full
+      : tf.slice(full, [0, 0, 0, 0], [n, oh, ow, cout]) as tf.Tensor4D;
   });
 }
 

@@ -173,6 +173,8 @@ const CONV_CASES: ConvCase[] = [
   { x: [2, 6, 6, 5], k: 1, cout: 4, stride: 1, pad: 0 },
   { x: [1, 5, 9, 3], k: 3, cout: 2, stride: 1, pad: 1 },
   { x: [2, 9, 6, 2], k: 4, cout: 3, stride: 2, pad: 1 },
+  { x: [1, 6, 6, 2], k: 3, cout: 2, stride: 2, pad: 2 },
+  { x: [2, 8, 7, 3], k: 3, cout: 2, stride: 3, pad: 1 },
 ];
 
 interface ConvTCase {
@@ -190,6 +192,10 @@ const CONVT_CASES: ConvTCase[] = [
   // PyTorch's output_padding = 1: (4 - 1) 2 - 2 + 3 = 7, asked for 8.
   { x: [1, 4, 4, 3], k: 3, cout: 2, out: [8, 8], stride: 2, pad: 1 },
   { x: [2, 5, 5, 3], k: 3, cout: 4, out: [5, 5], stride: 1, pad: 1 },
+  // Padding beyond the phase offsets (crops), stride 3, kernel smaller than the stride.
+  { x: [1, 4, 4, 2], k: 3, cout: 3, out: [6, 5], stride: 2, pad: 2 },
+  { x: [2, 3, 3, 2], k: 5, cout: 2, out: [8, 9], stride: 3, pad: 2 },
+  { x: [1, 3, 3, 2], k: 2, cout: 2, out: [9, 9], stride: 3, pad: 0 },
 ];
 
 function convData(c: ConvCase, seed: number) {
