@@ -210,6 +210,40 @@ Deno.test("ddimSigma with eta = 1 on the full grid squares to DDPM's posterior v
     );
   }
   assert.equal(ddimSigma(0.3, 0.5, 0), 0);
+  // by hand: 0.5 sqrt((0.2 / 0.5) (1 - 0.5 / 0.8)) = 0.5 sqrt(0.15)
+  assert.ok(Math.abs(ddimSigma(0.5, 0.8, 0.5) - 0.5 * Math.sqrt(0.15)) < 1e-15);
+});
+
+Deno.test("sampleDdpm's last step is Algorithm 2's mean, without noise", async () => {
+  for (const variance of ["posterior", "betas"] as const) {
+    let before: Float32Array | null = null;
+    const got = await noLeak(() =>
+      sampleDdpm(exactEps, schedule, {
+        n: 4,
+        imgSize: 2,
+        seed: 5,
+        variance,
+        onStep: ({ i, x }) => {
+          if (i === 998) before = x.dataSync() as Float32Array;
+        },
+      })
+    );
+    // x_{-1} = (x_0 - beta_0 / sqrt(1 - abar_0) eps*(x_0, 0)) / sqrt(alpha_0)
+    const b0 = schedule.betas[0];
+    const a0 = schedule.alphasBar[0];
+    const want = Array.from(before!, (x) => {
+      const eps = Math.sqrt(1 - a0) * (x - Math.sqrt(a0) * MU) /
+        (a0 * S * S + 1 - a0);
+      const mean = (x - b0 / Math.sqrt(1 - a0) * eps) / Math.sqrt(1 - b0);
+      return Math.min(1, Math.max(-1, mean));
+    });
+    got.forEach((v, i) =>
+      assert.ok(
+        Math.abs(v - want[i]) < 1e-5,
+        `${variance} ${i}: ${v} vs ${want[i]}`,
+      )
+    );
+  }
 });
 
 // ------------------------------------------------- DDPM and DDIM agree
