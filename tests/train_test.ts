@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
-import { makeSchedule } from "../core/schedule.ts";
+import { makeSchedule, qSample } from "../core/schedule.ts";
 import {
   clipGradNorm,
   disposeTrainerState,
@@ -8,6 +8,7 @@ import {
   Trainer,
   type TrainerState,
 } from "../core/train.ts";
+import { UNet } from "../core/unet.ts";
 
 await initBackend("cpu");
 
@@ -442,4 +443,127 @@ Deno.test("Trainer.setState refuses a state with other settings and changes noth
   trainer.dispose();
   model.dispose();
   schedule.dispose();
+});
+
+// ------------------------------------------------------------ the UNet
+
+function tinyUNet(seed: number): UNet {
+  return new UNet({ base: 8, seed });
+}
+
+/** Noise-prediction MSE at fixed timesteps and noise: a yardstick independent of the training draws. */
+function evalLoss(
+  unet: UNet,
+  schedule: ReturnType<typeof makeSchedule>,
+  x0: tf.Tensor4D,
+): number {
+  return tf.tidy(() => {
+    const n = x0.shape[0];
+    let total = 0;
+    for (const [k, ts] of [[0, 100], [1, 400], [2, 700], [3, 950]].entries()) {
+      const t = tf.tensor1d(new Array(n).fill(ts[1]), "int32");
+      const eps = tf.randomNormal(
+        x0.shape,
+        0,
+        1,
+        "float32",
+        1000 + k,
+      ) as tf.Tensor4D;
+      const xt = qSample(x0, t, eps, schedule);
+      total +=
+        tf.mean(tf.squaredDifference(unet.predict(xt, t), eps)).dataSync()[0];
+    }
+    return total / 4;
+  });
+}
+
+Deno.test("a tiny UNet's noise-prediction loss on a fixed batch falls over 30 steps (wasm)", async () => {
+  await initBackend("wasm");
+  try {
+    const schedule = makeSchedule({ T: 1000 });
+    const unet = tinyUNet(1);
+    const trainer = new Trainer(unet, schedule, {
+      seed: 1,
+      optimizer: { lr: 1e-3 },
+    });
+    const x0 = fixedBatch(4, 16, 7);
+    const before = evalLoss(unet, schedule, x0);
+    const l = await losses(trainer, x0, 30);
+    const after = evalLoss(unet, schedule, x0);
+    assert.ok(after < 0.6 * before, `eval loss ${before} -> ${after}`);
+    const mean = (a: number[]) => a.reduce((s, v) => s + v, 0) / a.length;
+    assert.ok(mean(l.slice(-10)) < 0.75 * mean(l.slice(0, 10)), `${l}`);
+    trainer.dispose();
+    unet.dispose();
+    x0.dispose();
+    schedule.dispose();
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+Deno.test("training a UNet keeps tf.memory().numTensors flat over 20 steps (wasm)", async () => {
+  await initBackend("wasm");
+  try {
+    const schedule = makeSchedule({ T: 1000 });
+    const before = tf.memory().numTensors;
+    const unet = tinyUNet(2);
+    const trainer = new Trainer(unet, schedule);
+    const x0 = fixedBatch(2, 8, 8);
+    await trainer.trainStep(x0);
+    const afterFirst = tf.memory().numTensors;
+    for (let i = 0; i < 19; i++) await trainer.trainStep(x0);
+    assert.equal(tf.memory().numTensors, afterFirst);
+    disposeTrainerState(trainer.getState());
+    assert.equal(tf.memory().numTensors, afterFirst);
+    trainer.dispose();
+    unet.dispose();
+    x0.dispose();
+    assert.equal(tf.memory().numTensors, before);
+    schedule.dispose();
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+Deno.test("2N UNet steps equal N steps, state saved and restored into a fresh UNet, N steps (cpu)", async () => {
+  const x0 = fixedBatch(2, 8, 9);
+  await checkResume(tinyUNet, x0, 3);
+  x0.dispose();
+});
+
+Deno.test("training on wasm follows the cpu backend's losses and gradient norms", async () => {
+  const run = async (backend: "cpu" | "wasm") => {
+    await initBackend(backend);
+    const schedule = makeSchedule({ T: 1000 });
+    const unet = tinyUNet(3);
+    const trainer = new Trainer(unet, schedule, {
+      seed: 4,
+      optimizer: { lr: 1e-3 },
+    });
+    const x0 = fixedBatch(2, 8, 10);
+    const out: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const r = await trainer.trainStep(x0);
+      out.push(r.loss, r.gradNorm);
+    }
+    trainer.dispose();
+    unet.dispose();
+    x0.dispose();
+    schedule.dispose();
+    return out;
+  };
+  try {
+    const wasm = await run("wasm");
+    const cpu = await run("cpu");
+    for (let i = 0; i < cpu.length; i++) {
+      assert.ok(Number.isFinite(wasm[i]));
+      assert.ok(
+        Math.abs(wasm[i] - cpu[i]) <= 1e-3 * Math.abs(cpu[i]),
+        `[${i}] wasm ${wasm[i]} cpu ${cpu[i]}`,
+      );
+    }
+  } finally {
+    await initBackend("cpu");
+  }
 });
