@@ -146,7 +146,8 @@ function adjoint(
     const [, oh, ow] = outShape;
     const qh = Math.ceil(oh / stride);
     const qw = Math.ceil(ow / stride);
-    const flipped = tf.reverse(w, [0, 1]);
+    // [kh, kw, cin, cout]: conv2d's layout for the sub-kernels.
+    const swapped = tf.transpose(w, [0, 1, 3, 2]);
     const rows: tf.Tensor4D[] = [];
     for (let a = 0; a < stride; a++) {
       const cols: tf.Tensor4D[] = [];
@@ -157,24 +158,23 @@ function adjoint(
           cols.push(tf.zeros([n, qh, qw, cout]));
           continue;
         }
-        // Taps r + s j for j = count - 1, ..., 0 sit in the flipped kernel
-        // at k - 1 - r - s (count - 1), then every s-th.
-        const y0 = kh - 1 - ty.r - stride * (ty.count - 1);
-        const x0 = kw - 1 - tx.r - stride * (tx.count - 1);
-        const sub = tf.transpose(
-          tf.stridedSlice(
-            flipped,
-            [y0, x0, 0, 0],
-            [
-              y0 + stride * (ty.count - 1) + 1,
-              x0 + stride * (tx.count - 1) + 1,
-              cout,
-              cin,
-            ],
-            [stride, stride, 1, 1],
-          ),
-          [0, 1, 3, 2],
-        ) as tf.Tensor4D;
+        // The sub-kernel: taps r + s j for j = count - 1, ..., 0 (flipped),
+        // gathered by contiguous one-tap slices (wasm's Reverse and
+        // StridedSlice are slow loops).
+        const tapRows: tf.Tensor4D[] = [];
+        for (let i = ty.count - 1; i >= 0; i--) {
+          const tapCols: tf.Tensor4D[] = [];
+          for (let j = tx.count - 1; j >= 0; j--) {
+            tapCols.push(tf.slice(swapped, [
+              ty.r + stride * i,
+              tx.r + stride * j,
+              0,
+              0,
+            ], [1, 1, cin, cout]));
+          }
+          tapRows.push(tf.concat(tapCols, 1));
+        }
+        const sub = tf.concat(tapRows, 0);
         const top = ty.count - 1 - ty.m;
         const left = tx.count - 1 - tx.m;
         const bottom = qh - h - top + ty.count - 1;
