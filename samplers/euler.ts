@@ -49,15 +49,10 @@ export interface EulerOptions extends SampleOptions {
   spacing?: Spacing;
 }
 
-/** The options of the Euler and Heun samplers, with the given default step count. */
-export function eulerOptions(defaultSteps: number): OptionsSchema {
-  return {
-    numSteps: { ...NUM_STEPS_OPTION, default: defaultSteps },
-    spacing: { ...SPACING_OPTION, default: "linspace" },
-  };
-}
-
-const EULER_OPTIONS = eulerOptions(50);
+const EULER_OPTIONS: OptionsSchema = {
+  numSteps: NUM_STEPS_OPTION,
+  spacing: { ...SPACING_OPTION, default: "linspace" },
+};
 
 /**
  * Sample with Euler's method in sigma (k-diffusion's `sample_euler`): deterministic, one model call per step.

@@ -17,6 +17,11 @@
  */
 import { tf } from "../core/backend.ts";
 import type { Schedule } from "../core/schedule.ts";
+import {
+  NUM_STEPS_OPTION,
+  type OptionsSchema,
+  SPACING_OPTION,
+} from "./options.ts";
 import type { ModelLike, SamplerPlugin } from "./registry.ts";
 import {
   alphaBarAt,
@@ -26,9 +31,12 @@ import {
   type Spacing,
 } from "./math.ts";
 import { drive, evalEps, startRun } from "./_run.ts";
-import { type EulerOptions, eulerOptions } from "./euler.ts";
+import type { EulerOptions } from "./euler.ts";
 
-const HEUN_OPTIONS = eulerOptions(25);
+const HEUN_OPTIONS: OptionsSchema = {
+  numSteps: { ...NUM_STEPS_OPTION, default: 25 },
+  spacing: { ...SPACING_OPTION, default: "linspace" },
+};
 
 /**
  * Sample with Heun's second-order method in sigma (k-diffusion's `sample_heun`): deterministic.

@@ -38,6 +38,7 @@ import {
   type Spacing,
 } from "../samplers/math.ts";
 import { validateSamplerOptions } from "../samplers/options.ts";
+import { UNet } from "../core/unet.ts";
 
 await initBackend("cpu");
 
@@ -897,4 +898,21 @@ Deno.test("onStep sees every step, and an abort stops the run without leaking", 
     Error,
     /TimeoutError/,
   );
+});
+
+Deno.test("a real UNet samples through every built-in sampler without leaking", async () => {
+  const unet = new UNet({ base: 8, seed: 1 });
+  for (const name of ["ddim", "dpm_solver", "euler", "heun"]) {
+    const got = await noLeak(() =>
+      getSampler(name).sample(unet, schedule, {
+        n: 2,
+        imgSize: 8,
+        numSteps: 3,
+        seed: 1,
+      })
+    );
+    assert.equal(got.length, 2 * 8 * 8, name);
+    assert.ok(got.every((v) => Number.isFinite(v) && Math.abs(v) <= 1), name);
+  }
+  unet.dispose();
 });
