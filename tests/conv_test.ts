@@ -138,21 +138,22 @@ function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
 }
 
 /** The op's output and its gradients of sum(y * r), read back. */
-function withGrads(
+async function withGrads(
   f: (x: tf.Tensor4D, w: tf.Tensor4D) => tf.Tensor4D,
   x: tf.Tensor4D,
   w: tf.Tensor4D,
   r: tf.Tensor4D,
-): { y: Float32Array; dx: Float32Array; dw: Float32Array } {
+): Promise<{ y: Float32Array; dx: Float32Array; dw: Float32Array }> {
   const y = f(x, w);
   const g = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
     tf.sum(tf.mul(f(a as tf.Tensor4D, b as tf.Tensor4D), r))
   );
   const [dx, dw] = g([x, w]);
+  // Read asynchronously: WebGPU has no synchronous read under Deno.
   const out = {
-    y: y.dataSync() as Float32Array,
-    dx: dx.dataSync() as Float32Array,
-    dw: dw.dataSync() as Float32Array,
+    y: await y.data() as Float32Array,
+    dx: await dx.data() as Float32Array,
+    dw: await dw.data() as Float32Array,
   };
   tf.dispose([y, dx, dw]);
   return out;
@@ -225,11 +226,11 @@ function convTData(c: ConvTCase, seed: number) {
 }
 
 /** The custom ops and their gradients against the direct definitions. */
-function checkAgainstNaive(): void {
-  CONV_CASES.forEach((c, i) => {
+async function checkAgainstNaive(): Promise<void> {
+  for (const [i, c] of CONV_CASES.entries()) {
     const d = convData(c, 10 * i);
     const want = naiveConv(d.x, c.x, d.w, d.ws, d.r, c.stride, c.pad);
-    const got = withGrads(
+    const got = await withGrads(
       (a, b) => conv2d(a, b, c.stride, c.pad),
       tf.tensor4d(d.x, c.x),
       tf.tensor4d(d.w, d.ws),
@@ -239,11 +240,11 @@ function checkAgainstNaive(): void {
     assert.ok(relErr(got.y, want.y) < 1e-5, `y of ${what}`);
     assert.ok(relErr(got.dx, want.dx) < 1e-5, `dx of ${what}`);
     assert.ok(relErr(got.dw, want.dw) < 1e-5, `dw of ${what}`);
-  });
-  CONVT_CASES.forEach((c, i) => {
+  }
+  for (const [i, c] of CONVT_CASES.entries()) {
     const d = convTData(c, 100 + 10 * i);
     const want = naiveConvT(d.x, c.x, d.w, d.ws, d.r, d.os, c.stride, c.pad);
-    const got = withGrads(
+    const got = await withGrads(
       (a, b) => conv2dTranspose(a, b, d.os, c.stride, c.pad),
       tf.tensor4d(d.x, c.x),
       tf.tensor4d(d.w, d.ws),
@@ -253,13 +254,13 @@ function checkAgainstNaive(): void {
     assert.ok(relErr(got.y, want.y) < 1e-5, `y of ${what}`);
     assert.ok(relErr(got.dx, want.dx) < 1e-5, `dx of ${what}`);
     assert.ok(relErr(got.dw, want.dw) < 1e-5, `dw of ${what}`);
-  });
+  }
 }
 
 Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradients on cpu", async () => {
   await initBackend("cpu");
   tf.engine().startScope();
-  checkAgainstNaive();
+  await checkAgainstNaive();
   tf.engine().endScope();
 });
 
@@ -267,7 +268,16 @@ Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradien
   const got = await initBackend("wasm");
   assert.equal(got.backend, "wasm");
   tf.engine().startScope();
-  checkAgainstNaive();
+  await checkAgainstNaive();
+  tf.engine().endScope();
+  await initBackend("cpu");
+});
+
+Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradients on webgpu", async () => {
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") return; // no adapter on this machine
+  tf.engine().startScope();
+  await checkAgainstNaive();
   tf.engine().endScope();
   await initBackend("cpu");
 });
@@ -275,13 +285,18 @@ Deno.test("conv2d and conv2dTranspose match a direct convolution and its gradien
 Deno.test("custom gradients equal tfjs's built-in conv gradients on cpu", async () => {
   await initBackend("cpu");
   tf.engine().startScope();
-  CONV_CASES.forEach((c, i) => {
+  for (const [i, c] of CONV_CASES.entries()) {
     const d = convData(c, 1000 + 10 * i);
     const x = tf.tensor4d(d.x, c.x);
     const w = tf.tensor4d(d.w, d.ws);
     const r = tf.tensor4d(d.r, d.rs);
-    const ours = withGrads((a, b) => conv2d(a, b, c.stride, c.pad), x, w, r);
-    const theirs = withGrads(
+    const ours = await withGrads(
+      (a, b) => conv2d(a, b, c.stride, c.pad),
+      x,
+      w,
+      r,
+    );
+    const theirs = await withGrads(
       (a, b) =>
         tf.conv2d(a, b, c.stride, [[0, 0], [c.pad, c.pad], [
           c.pad,
@@ -295,19 +310,19 @@ Deno.test("custom gradients equal tfjs's built-in conv gradients on cpu", async 
     assert.ok(relErr(ours.y, theirs.y) < 1e-4, `y of ${what}`);
     assert.ok(relErr(ours.dx, theirs.dx) < 1e-4, `dx of ${what}`);
     assert.ok(relErr(ours.dw, theirs.dw) < 1e-4, `dw of ${what}`);
-  });
-  CONVT_CASES.forEach((c, i) => {
+  }
+  for (const [i, c] of CONVT_CASES.entries()) {
     const d = convTData(c, 2000 + 10 * i);
     const x = tf.tensor4d(d.x, c.x);
     const w = tf.tensor4d(d.w, d.ws);
     const r = tf.tensor4d(d.r, d.os);
-    const ours = withGrads(
+    const ours = await withGrads(
       (a, b) => conv2dTranspose(a, b, d.os, c.stride, c.pad),
       x,
       w,
       r,
     );
-    const theirs = withGrads(
+    const theirs = await withGrads(
       (a, b) => tf.conv2dTranspose(a, b, d.os, c.stride, c.pad),
       x,
       w,
@@ -317,7 +332,7 @@ Deno.test("custom gradients equal tfjs's built-in conv gradients on cpu", async 
     assert.ok(relErr(ours.y, theirs.y) < 1e-4, `y of ${what}`);
     assert.ok(relErr(ours.dx, theirs.dx) < 1e-4, `dx of ${what}`);
     assert.ok(relErr(ours.dw, theirs.dw) < 1e-4, `dw of ${what}`);
-  });
+  }
   tf.engine().endScope();
 });
 
@@ -329,23 +344,26 @@ Deno.test("conv gradients on wasm equal tfjs's built-in ones computed on cpu", a
   ];
   for (const [i, c] of shapes.entries()) {
     const d = convData(c, 3000 + 10 * i);
-    const run = (op: (a: tf.Tensor4D, b: tf.Tensor4D) => tf.Tensor4D) =>
-      tf.tidy(() =>
-        withGrads(
-          op,
-          tf.tensor4d(d.x, c.x),
-          tf.tensor4d(d.w, d.ws),
-          tf.tensor4d(d.r, d.rs),
-        )
-      );
+    const run = async (
+      op: (a: tf.Tensor4D, b: tf.Tensor4D) => tf.Tensor4D,
+    ) => {
+      const inputs = [
+        tf.tensor4d(d.x, c.x),
+        tf.tensor4d(d.w, d.ws),
+        tf.tensor4d(d.r, d.rs),
+      ];
+      const out = await withGrads(op, inputs[0], inputs[1], inputs[2]);
+      tf.dispose(inputs);
+      return out;
+    };
     await initBackend("cpu");
     const pad = c.pad;
-    const want = run((a, b) =>
+    const want = await run((a, b) =>
       tf.conv2d(a, b, c.stride, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
     );
     await initBackend("wasm");
     const before = tf.memory().numTensors;
-    const got = run((a, b) => conv2d(a, b, c.stride, c.pad));
+    const got = await run((a, b) => conv2d(a, b, c.stride, c.pad));
     assert.equal(tf.memory().numTensors, before);
     assert.ok(relErr(got.dx, want.dx) < 1e-4, `dx, stride ${c.stride}`);
     assert.ok(relErr(got.dw, want.dw) < 1e-4, `dw, stride ${c.stride}`);
