@@ -11,6 +11,7 @@ import {
   type OptionValues,
   validateSamplerOptions,
 } from "./options.ts";
+import { makeSolverSteps, type SolverStep, type Spacing } from "./math.ts";
 import type {
   EpsModel,
   ModelLike,
@@ -198,27 +199,33 @@ export interface StepResult {
  * One x is alive between steps; every tensor is freed on success and on error.
  *
  * @param run The run from {@linkcode startRun}.
- * @param steps The number of steps.
+ * @param steps What each step needs (usually the grid's {@linkcode SolverStep}s), in order.
  * @param step One step, synchronous (wrap its math in tf.tidy); it must not dispose x.
  * @param options `clamp: false` returns the last x as it is (DDIM inversion's latents).
  * @returns Images, NHWC in [-1, 1].
  */
-export async function drive(
+export async function drive<S>(
   run: Run,
-  steps: number,
-  step: (i: number, x: tf.Tensor4D) => StepResult,
+  steps: readonly S[],
+  step: (s: S, x: tf.Tensor4D, i: number) => StepResult,
   options: { clamp?: boolean } = {},
 ): Promise<tf.Tensor4D> {
   let x = run.xT !== undefined ? tf.clone(run.xT) : standardNormal(run, XT_KEY);
   try {
-    for (let i = 0; i < steps; i++) {
+    for (let i = 0; i < steps.length; i++) {
       run.signal?.throwIfAborted();
-      const out = step(i, x);
+      const out = step(steps[i], x, i);
       x.dispose();
       x = out.x;
       try {
         if (run.onStep !== undefined) {
-          await run.onStep({ i, steps, t: out.t, x, x0: out.x0 });
+          await run.onStep({
+            i,
+            steps: steps.length,
+            t: out.t,
+            x,
+            x0: out.x0,
+          });
         }
       } finally {
         out.x0.dispose();
@@ -233,6 +240,13 @@ export async function drive(
   } finally {
     x.dispose();
   }
+}
+
+/** The run's grid from its `numSteps` and `spacing` options, as the steps to take. */
+export function gridSteps(run: Run, schedule: Schedule): SolverStep[] {
+  return makeSolverSteps(schedule, run.opts.numSteps as number, {
+    spacing: run.opts.spacing as Spacing,
+  });
 }
 
 /** Clip x0 to [-1, 1] when asked (the reference's DDIM does). */

@@ -7,7 +7,7 @@
  *
  * | code        | paper                                                      |
  * |-------------|------------------------------------------------------------|
- * | `ts`        | tau, the ascending sub-sequence (`makeTimesteps`)          |
+ * | `t`         | tau_i, walked down the grid (`makeSolverSteps`)            |
  * | `abar`      | alpha_{tau_i} (the paper's alpha is alpha-bar here)         |
  * | `abarPrev`  | alpha_{tau_{i-1}}; 1 after the grid's lowest timestep       |
  * | `x0`        | "predicted x0", optionally clipped to [-1, 1]              |
@@ -24,14 +24,15 @@ import {
   SPACING_OPTION,
 } from "./options.ts";
 import type { ModelLike, SampleOptions, SamplerPlugin } from "./registry.ts";
+import { ddimSigma, predictX0, type Spacing } from "./math.ts";
 import {
-  alphaBarAt,
-  ddimSigma,
-  makeTimesteps,
-  predictX0,
-  type Spacing,
-} from "./math.ts";
-import { drive, evalEps, maybeClip, standardNormal, startRun } from "./_run.ts";
+  drive,
+  evalEps,
+  gridSteps,
+  maybeClip,
+  standardNormal,
+  startRun,
+} from "./_run.ts";
 
 /** Options of {@linkcode sampleDdim}. */
 export interface DdimOptions extends SampleOptions {
@@ -97,14 +98,8 @@ export async function sampleDdim(
   const run = startRun("ddim", DDIM_OPTIONS, model, schedule, options);
   const eta = run.opts.eta as number;
   const clip = run.opts.clipX0 as boolean;
-  const ts = makeTimesteps(schedule, run.opts.numSteps as number, {
-    spacing: run.opts.spacing as Spacing,
-  });
-  const K = ts.length;
-  return await drive(run, K, (i, x) => {
-    const t = ts[K - 1 - i];
-    const abar = alphaBarAt(schedule, t);
-    const abarPrev = alphaBarAt(schedule, i + 1 < K ? ts[K - 2 - i] : -1);
+  return await drive(run, gridSteps(run, schedule), (step, x) => {
+    const { t, abar, abarNext: abarPrev } = step;
     const sigma = ddimSigma(abar, abarPrev, eta);
     return tf.tidy(() => {
       // 1. predict noise and x0

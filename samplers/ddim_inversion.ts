@@ -9,7 +9,7 @@
  *
  * | code        | paper                                                      |
  * |-------------|------------------------------------------------------------|
- * | `ts`        | tau, the ascending grid (`makeTimesteps`)                  |
+ * | `t`         | tau_i, walked up the grid (`makeSolverSteps`, reversed)    |
  * | `abarPrev`  | alpha-bar of the level the step leaves (1 for the image)   |
  * | `abar`      | alpha-bar of the grid timestep the step enters             |
  * | `eps`       | eps_theta(x, tau_i): the model at the level entered, with the x it has (the usual first-order approximation) |
@@ -27,8 +27,8 @@ import {
   validateOptions,
 } from "./options.ts";
 import type { ModelLike, StepInfo } from "./registry.ts";
-import { alphaBarAt, makeTimesteps, predictX0, type Spacing } from "./math.ts";
-import { asEpsModel, drive, evalEps, type Run } from "./_run.ts";
+import { predictX0, type Spacing } from "./math.ts";
+import { asEpsModel, drive, evalEps, gridSteps, type Run } from "./_run.ts";
 
 /** Options of {@linkcode invertDdim}. */
 export interface InvertOptions {
@@ -111,13 +111,10 @@ export async function invertDdim(
     signal: options.signal,
     onStep: options.onStep,
   };
-  const ts = makeTimesteps(schedule, opts.numSteps as number, {
-    spacing: opts.spacing as Spacing,
-  });
-  const latents = await drive(run, ts.length, (i, x) => {
-    const t = ts[i];
-    const abarPrev = alphaBarAt(schedule, i === 0 ? -1 : ts[i - 1]);
-    const abar = alphaBarAt(schedule, t);
+  // the sampler's steps in reverse: each from level abarNext up to timestep t
+  const steps = gridSteps(run, schedule).reverse();
+  const latents = await drive(run, steps, (step, x) => {
+    const { t, abar, abarNext: abarPrev } = step;
     return tf.tidy(() => {
       // 1. the model at the level entered
       const eps = evalEps(run, x, t);

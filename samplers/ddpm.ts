@@ -23,7 +23,7 @@ import { tf } from "../core/backend.ts";
 import type { Schedule } from "../core/schedule.ts";
 import type { OptionsSchema } from "./options.ts";
 import type { ModelLike, SampleOptions, SamplerPlugin } from "./registry.ts";
-import { predictX0 } from "./math.ts";
+import { makeSolverSteps, predictX0 } from "./math.ts";
 import { drive, evalEps, maybeClip, standardNormal, startRun } from "./_run.ts";
 
 /** Options of {@linkcode sampleDdpm}. */
@@ -82,11 +82,9 @@ export async function sampleDdpm(
   const variances = run.opts.variance === "betas"
     ? schedule.betas
     : schedule.posteriorVariance;
-  const T = schedule.T;
-  return await drive(run, T, (i, x) => {
-    const t = T - 1 - i;
-    const abar = schedule.alphasBar[t];
-    const abarPrev = schedule.alphasBarPrev[t];
+  // all T timesteps, T-1 down to 0, then the clean image
+  const steps = makeSolverSteps(schedule, schedule.T);
+  return await drive(run, steps, ({ t, abar, abarNext: abarPrev }, x) => {
     const coefX0 = Math.sqrt(abarPrev) * schedule.betas[t] / (1 - abar);
     const coefXt = Math.sqrt(schedule.alphas[t]) * (1 - abarPrev) / (1 - abar);
     return tf.tidy(() => {

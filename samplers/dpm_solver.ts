@@ -38,14 +38,8 @@ import {
   SPACING_OPTION,
 } from "./options.ts";
 import type { ModelLike, SampleOptions, SamplerPlugin } from "./registry.ts";
-import {
-  alphaBarAt,
-  logSnr,
-  makeTimesteps,
-  predictX0,
-  type Spacing,
-} from "./math.ts";
-import { drive, evalEps, startRun } from "./_run.ts";
+import { logSnr, predictX0, type Spacing } from "./math.ts";
+import { drive, evalEps, gridSteps, startRun } from "./_run.ts";
 
 /** Options of {@linkcode sampleDpmSolver}. */
 export interface DpmSolverOptions extends SampleOptions {
@@ -103,21 +97,14 @@ export async function sampleDpmSolver(
     options,
   );
   const lowerOrderFinal = run.opts.lowerOrderFinal as boolean;
-  const ts = makeTimesteps(schedule, run.opts.numSteps as number, {
-    spacing: run.opts.spacing as Spacing,
-  });
-  const K = ts.length;
+  const steps = gridSteps(run, schedule);
   let m1: tf.Tensor4D | null = null; // the previous step's x0
   let hPrev = 0;
   try {
-    return await drive(run, K, (i, x) => {
-      const t = ts[K - 1 - i];
-      const tNext = i + 1 < K ? ts[K - 2 - i] : -1;
-      const abar = alphaBarAt(schedule, t);
-      const abarNext = alphaBarAt(schedule, tNext);
+    return await drive(run, steps, ({ t, tNext, abar, abarNext }, x, i) => {
       const h = logSnr(abarNext) - logSnr(abar);
       const firstOrder = m1 === null || tNext === -1 ||
-        (lowerOrderFinal && i === K - 2);
+        (lowerOrderFinal && i === steps.length - 2);
       const prev = m1;
       const out = tf.tidy(() => {
         // 1. predict x0 (the data prediction m0)

@@ -32,14 +32,8 @@ import {
   SPACING_OPTION,
 } from "./options.ts";
 import type { ModelLike, SampleOptions, SamplerPlugin } from "./registry.ts";
-import {
-  alphaBarAt,
-  makeTimesteps,
-  predictX0,
-  sigmaStep,
-  type Spacing,
-} from "./math.ts";
-import { drive, evalEps, startRun } from "./_run.ts";
+import { predictX0, sigmaStep, type Spacing } from "./math.ts";
+import { drive, evalEps, gridSteps, startRun } from "./_run.ts";
 
 /** Options of {@linkcode sampleEuler} and `sampleHeun`. */
 export interface EulerOptions extends SampleOptions {
@@ -83,14 +77,8 @@ export async function sampleEuler(
   options: EulerOptions = {},
 ): Promise<tf.Tensor4D> {
   const run = startRun("euler", EULER_OPTIONS, model, schedule, options);
-  const ts = makeTimesteps(schedule, run.opts.numSteps as number, {
-    spacing: run.opts.spacing as Spacing,
-  });
-  const K = ts.length;
-  return await drive(run, K, (i, x) => {
-    const t = ts[K - 1 - i];
-    const abar = alphaBarAt(schedule, t);
-    const abarNext = alphaBarAt(schedule, i + 1 < K ? ts[K - 2 - i] : -1);
+  return await drive(run, gridSteps(run, schedule), (step, x) => {
+    const { t, abar, abarNext } = step;
     return tf.tidy(() => {
       // 1. d = (xHat - D) / sigma, which is the model's eps
       const d = evalEps(run, x, t);

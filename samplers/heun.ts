@@ -23,14 +23,8 @@ import {
   SPACING_OPTION,
 } from "./options.ts";
 import type { ModelLike, SamplerPlugin } from "./registry.ts";
-import {
-  alphaBarAt,
-  makeTimesteps,
-  predictX0,
-  sigmaStep,
-  type Spacing,
-} from "./math.ts";
-import { drive, evalEps, startRun } from "./_run.ts";
+import { predictX0, sigmaStep } from "./math.ts";
+import { drive, evalEps, gridSteps, startRun } from "./_run.ts";
 import type { EulerOptions } from "./euler.ts";
 
 const HEUN_OPTIONS: OptionsSchema = {
@@ -67,15 +61,8 @@ export async function sampleHeun(
   options: EulerOptions = {},
 ): Promise<tf.Tensor4D> {
   const run = startRun("heun", HEUN_OPTIONS, model, schedule, options);
-  const ts = makeTimesteps(schedule, run.opts.numSteps as number, {
-    spacing: run.opts.spacing as Spacing,
-  });
-  const K = ts.length;
-  return await drive(run, K, (i, x) => {
-    const t = ts[K - 1 - i];
-    const tNext = i + 1 < K ? ts[K - 2 - i] : -1;
-    const abar = alphaBarAt(schedule, t);
-    const abarNext = alphaBarAt(schedule, tNext);
+  return await drive(run, gridSteps(run, schedule), (step, x) => {
+    const { t, tNext, abar, abarNext } = step;
     return tf.tidy(() => {
       // 1. slope at sigma_i, and the Euler predictor
       const d = evalEps(run, x, t);

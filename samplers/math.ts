@@ -176,6 +176,56 @@ export function makeTimesteps(
   }
 }
 
+/** One step of a solver's walk down a grid: from timestep t to tNext (-1: the clean image). */
+export interface SolverStep {
+  /** The timestep the step leaves. */
+  readonly t: number;
+  /** The timestep the step enters; -1 for the clean image. */
+  readonly tNext: number;
+  /** alpha-bar_t. */
+  readonly abar: number;
+  /** alpha-bar of tNext; 1 for the clean image. */
+  readonly abarNext: number;
+}
+
+/**
+ * The steps a solver takes on a grid: from T-1 down through
+ * {@linkcode makeTimesteps}'s timesteps, then into the clean image.
+ *
+ * @param schedule The schedule.
+ * @param numSteps Steps asked for, an integer in [1, T].
+ * @param options The spacing and Karras's rho.
+ * @returns One entry per step, in the order taken.
+ * @throws {RangeError} As {@linkcode makeTimesteps}.
+ * @example
+ * ```ts
+ * import { makeSolverSteps } from "./math.ts";
+ * import { initBackend } from "../core/backend.ts";
+ * import { makeSchedule } from "../core/schedule.ts";
+ * await initBackend("cpu");
+ * const s = makeSchedule({ T: 1000 });
+ * const steps = makeSolverSteps(s, 2);
+ * console.log(steps.map((x) => [x.t, x.tNext])); // [[999, 500], [500, 0], [0, -1]]
+ * s.dispose();
+ * ```
+ */
+export function makeSolverSteps(
+  schedule: Pick<Schedule, "T" | "alphasBar">,
+  numSteps: number,
+  options: TimestepOptions = {},
+): SolverStep[] {
+  const ts = makeTimesteps(schedule, numSteps, options).reverse();
+  return ts.map((t, i) => {
+    const tNext = i + 1 < ts.length ? ts[i + 1] : -1;
+    return {
+      t,
+      tNext,
+      abar: alphaBarAt(schedule, t),
+      abarNext: alphaBarAt(schedule, tNext),
+    };
+  });
+}
+
 /** The index of the ascending `logSigmas` entry nearest to `logSigma`. */
 function nearestTimestep(logSigmas: number[], logSigma: number): number {
   let lo = 0;

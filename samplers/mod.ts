@@ -44,7 +44,9 @@ export {
 } from "./options.ts";
 export {
   makeDdimTimesteps,
+  makeSolverSteps,
   makeTimesteps,
+  type SolverStep,
   type Spacing,
   SPACINGS,
   type TimestepOptions,
