@@ -16,9 +16,9 @@ Deno.test("initBackend gives the cpu and wasm backends on request", async () => 
 Deno.test("auto takes webgpu only on a hardware adapter, wasm otherwise, and says why", async () => {
   const got = await initBackend("auto");
   const adapter = await navigator.gpu?.requestAdapter();
-  // deno-lint-ignore no-explicit-any
   const software = adapter == null ||
-    (adapter.info as any).isFallbackAdapter === true ||
+    (adapter.info as { isFallbackAdapter?: boolean }).isFallbackAdapter ===
+      true ||
     /llvmpipe|lavapipe|swiftshader/i.test(adapter.info.description);
   assert.equal(got.backend, software ? "wasm" : "webgpu");
   assert.match(
@@ -48,9 +48,8 @@ Deno.test("webgpu on request runs a convolution (software adapter here)", async 
 });
 
 Deno.test("initBackend rejects an unknown name in one line", async () => {
-  // deno-lint-ignore no-explicit-any
   await assert.rejects(
-    () => initBackend("cuda" as any),
+    () => initBackend("cuda" as never),
     /unknown name \(got "cuda", expected auto, webgpu, wasm or cpu\)/,
   );
 });

@@ -96,9 +96,8 @@ Deno.test("bad schedule options fail with one line naming the input", () => {
     /T must be a positive integer \(got 0\)/,
   );
   assert.throws(() => makeSchedule({ T: 10.5 }), RangeError);
-  // deno-lint-ignore no-explicit-any
   assert.throws(
-    () => makeSchedule({ kind: "quadratic" as any }),
+    () => makeSchedule({ kind: "quadratic" as never }),
     /unknown kind \(got "quadratic"/,
   );
   assert.throws(
