@@ -106,6 +106,8 @@ function cosineBetas(T: number, s = 0.008): Float64Array {
  * @example
  * ```ts
  * import { makeSchedule } from "./schedule.ts";
+ * import { initBackend } from "./backend.ts";
+ * await initBackend("cpu");
  * const s = makeSchedule({ T: 1000 });
  * console.log(s.betas[0], s.betas[999]); // 0.0001 0.02
  * s.dispose();
@@ -178,7 +180,8 @@ export function makeSchedule(options: ScheduleOptions = {}): Schedule {
  * @example
  * ```ts
  * import { extract, makeSchedule } from "./schedule.ts";
- * import { tf } from "./backend.ts";
+ * import { initBackend, tf } from "./backend.ts";
+ * await initBackend("cpu");
  * const s = makeSchedule();
  * const c = extract(s.tensors.betas, tf.tensor1d([0, 999], "int32"));
  * console.log(c.shape); // [2, 1, 1, 1]
@@ -202,7 +205,8 @@ export function extract(a: tf.Tensor1D, t: tf.Tensor1D): tf.Tensor4D {
  * @example
  * ```ts
  * import { makeSchedule, qSample } from "./schedule.ts";
- * import { tf } from "./backend.ts";
+ * import { initBackend, tf } from "./backend.ts";
+ * await initBackend("cpu");
  * const s = makeSchedule();
  * const x0 = tf.zeros([1, 4, 4, 1]) as tf.Tensor4D;
  * const eps = tf.ones([1, 4, 4, 1]) as tf.Tensor4D;
