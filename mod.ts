@@ -91,6 +91,7 @@ export {
   type SafetensorsTensor,
 } from "./core/safetensors.ts";
 export {
+  encodeNpy,
   encodePng,
   type GridOptions,
   imagesToGrid,
@@ -99,6 +100,21 @@ export {
   type Raster,
   writePng,
 } from "./core/image.ts";
+export {
+  type CreateRunOptions,
+  loadTrainedModel,
+  RUN_FILES,
+  type RunFile,
+  type RunOverrides,
+  type RunSetup,
+  type RunSetupInput,
+  type SampleRequest,
+  type StepMetrics,
+  type TrainedModel,
+  TrainingRun,
+  type TrainOptions,
+  type TrainResult,
+} from "./core/run.ts";
 export * from "./samplers/mod.ts";
 export {
   type DatasetName,

@@ -192,3 +192,47 @@ export function plotCurve(
   }
   return { width, height, channels: 1, data };
 }
+
+/**
+ * Encode float32 values as a NumPy `.npy` file (format 1.0, little-endian `<f4`, C order).
+ *
+ * `numpy.load` reads it back as an array of the given shape; for sample
+ * images that is NHWC in [-1, 1].
+ *
+ * @param data The values, row-major.
+ * @param shape The array's shape; its product must equal `data.length`.
+ * @returns The file's bytes: the 10-byte preamble, the header dict padded to
+ *   a multiple of 64 bytes, then the raw values.
+ * @example
+ * ```ts
+ * import { encodeNpy } from "./image.ts";
+ * const npy = encodeNpy(new Float32Array([1, 2, 3, 4, 5, 6]), [2, 3]);
+ * console.log(npy.length); // 128 + 24: header block, then 6 float32 values
+ * ```
+ */
+export function encodeNpy(
+  data: Float32Array,
+  shape: readonly number[],
+): Uint8Array<ArrayBuffer> {
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (
+    !shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
+    count !== data.length
+  ) {
+    throw new TypeError(
+      `Cannot encode npy: shape does not match data (got [${shape}] for ${data.length} values, expected a shape of non-negative integers whose product is ${data.length})`,
+    );
+  }
+  const dims = shape.length === 1 ? `${shape[0]},` : shape.join(", ");
+  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${dims}), }`;
+  // Pad with spaces and end with "\n" so data starts at a multiple of 64.
+  const unpadded = 10 + header.length + 1;
+  header += " ".repeat((64 - unpadded % 64) % 64) + "\n";
+  const out = new Uint8Array(10 + header.length + data.length * 4);
+  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]); // \x93NUMPY, v1.0
+  new DataView(out.buffer).setUint16(8, header.length, true);
+  for (let i = 0; i < header.length; i++) out[10 + i] = header.charCodeAt(i);
+  const view = new DataView(out.buffer, 10 + header.length);
+  for (let i = 0; i < data.length; i++) view.setFloat32(i * 4, data[i], true);
+  return out;
+}
