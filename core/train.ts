@@ -26,6 +26,13 @@ import { tf } from "./backend.ts";
 import { AdamW, type AdamWConfig, type AdamWState } from "./optim.ts";
 import { Ema, type EmaConfig, type EmaState } from "./ema.ts";
 import { qSample, type Schedule } from "./schedule.ts";
+import { UNet } from "./unet.ts";
+import {
+  GradientPool,
+  shardLoss,
+  type ShardResult,
+  shardRows,
+} from "./_parallel.ts";
 
 /**
  * What {@linkcode Trainer} needs of a model: its trainable variables and its
@@ -48,6 +55,16 @@ export interface TrainerOptions {
   optimizer?: Partial<AdamWConfig>;
   /** EMA settings (see {@linkcode EmaConfig}), or false for no EMA; the reference's constant 0.9999 by default. */
   ema?: Partial<EmaConfig> | false;
+  /**
+   * Threads computing each step's gradients: 1 (the default) computes on
+   * the calling thread; k > 1 splits the batch into k shards, one here and
+   * the others on Deno workers holding replicas of the model (a `UNet`, on
+   * the wasm or cpu backend), and sums their gradients before clipping and
+   * the one AdamW update: the same step up to float summation order.
+   * "auto" takes `navigator.hardwareConcurrency` (at most 8) on wasm or
+   * cpu and 1 on WebGPU. Free the workers with {@linkcode Trainer.dispose}.
+   */
+  workers?: number | "auto";
 }
 
 /** What one {@linkcode Trainer.trainStep} did. */
@@ -168,6 +185,49 @@ function disposeMap(m: ReadonlyMap<string, tf.Tensor>): void {
   for (const t of m.values()) t.dispose();
 }
 
+const MAX_WORKERS = 8;
+
+/** The number of gradient threads for the `workers` option (1: no workers). */
+function resolveWorkers(
+  workers: number | "auto",
+  model: TrainableModel,
+): number {
+  const backend = tf.getBackend();
+  const hostBackend = backend === "wasm" || backend === "cpu";
+  if (workers === "auto") {
+    if (!hostBackend || !(model instanceof UNet)) return 1;
+    return Math.max(
+      1,
+      Math.min(MAX_WORKERS, navigator.hardwareConcurrency ?? 1),
+    );
+  }
+  if (!(Number.isInteger(workers) && workers >= 1 && workers <= MAX_WORKERS)) {
+    throw new RangeError(
+      `Cannot make trainer: workers must be an integer in [1, ${MAX_WORKERS}] or "auto" (got ${workers}, expected e.g. 2)`,
+    );
+  }
+  if (workers === 1) return 1;
+  if (!(model instanceof UNet)) {
+    throw new TypeError(
+      `Cannot make trainer: workers > 1 need a UNet, which workers can rebuild (got ${
+        model?.constructor?.name ?? typeof model
+      }, expected a UNet)`,
+    );
+  }
+  if (!hostBackend) {
+    throw new RangeError(
+      `Cannot make trainer: workers > 1 need the wasm or cpu backend (got ${backend}, expected wasm or cpu)`,
+    );
+  }
+  return workers;
+}
+
+/** A batch's loss (a scalar) and gradients by key, before clipping. */
+interface LossAndGrads {
+  loss: tf.Scalar;
+  grads: Map<string, tf.Tensor>;
+}
+
 /**
  * Trains a noise-prediction model with the reference's step: MSE on eps, clip 1.0, AdamW, EMA.
  *
@@ -209,7 +269,10 @@ export class Trainer {
   readonly seed: number;
   /** The clipping threshold of the gradients' global norm. */
   readonly maxGradNorm: number;
+  /** Threads computing each step's gradients (see {@linkcode TrainerOptions.workers}). */
+  readonly workers: number;
   #step = 0;
+  #pool: GradientPool | null = null;
 
   /**
    * Make a trainer for `model` on `schedule`.
@@ -223,19 +286,34 @@ export class Trainer {
     schedule: Schedule,
     options: TrainerOptions = {},
   ) {
-    const { seed = 0, maxGradNorm = 1.0, optimizer = {}, ema = {} } = options;
+    const {
+      seed = 0,
+      maxGradNorm = 1.0,
+      optimizer = {},
+      ema = {},
+      workers = 1,
+    } = options;
     checkSeed(seed);
     if (!(maxGradNorm > 0)) {
       throw new RangeError(
         `Cannot make trainer: maxGradNorm must be positive (got ${maxGradNorm}, expected > 0)`,
       );
     }
+    this.workers = resolveWorkers(workers, model);
     this.model = model;
     this.schedule = schedule;
     this.seed = seed;
     this.maxGradNorm = maxGradNorm;
     this.optimizer = new AdamW(model.params, optimizer);
     this.ema = ema === false ? null : new Ema(model.params, ema);
+    if (this.workers > 1) {
+      this.#pool = new GradientPool(
+        (model as UNet).config,
+        [...model.params.keys()],
+        this.workers - 1,
+        tf.getBackend() as "wasm" | "cpu",
+      );
+    }
   }
 
   /**
@@ -244,6 +322,7 @@ export class Trainer {
    * @param model The model; its weights are overwritten with `state.params`.
    * @param schedule The noise schedule (not part of the state).
    * @param state What {@linkcode Trainer.getState} returned, or a checkpoint's equivalent.
+   * @param options `workers`, as for the constructor (not part of the state).
    * @returns The trainer, at `state.step`.
    * @example
    * ```ts
@@ -267,12 +346,14 @@ export class Trainer {
     model: TrainableModel,
     schedule: Schedule,
     state: TrainerState,
+    options: Pick<TrainerOptions, "workers"> = {},
   ): Trainer {
     const trainer = new Trainer(model, schedule, {
       seed: state.seed,
       maxGradNorm: state.maxGradNorm,
       optimizer: state.optimizer.config,
       ema: state.ema === null ? false : state.ema.config,
+      workers: options.workers,
     });
     try {
       trainer.setState(state);
@@ -327,35 +408,20 @@ export class Trainer {
       this.schedule.T,
     );
     const noiseSeed = hash32(this.seed, index, NOISE_STREAM) || 1;
-    const vars = [...this.model.params.values()].filter((v) => v.trainable);
-    const keyOf = new Map(
-      [...this.model.params].map(([k, v]) => [v.name, k] as [string, string]),
-    );
-    // 1-3: draws, loss, gradients, clipping (synchronous, one tidy).
+    // 1-2: draws, loss and gradients, here or split over the workers.
+    const raw = this.#pool === null || n < 2
+      ? this.#lossAndGrads(x0, timesteps, noiseSeed)
+      : await this.#parallelLossAndGrads(x0, timesteps, noiseSeed);
+    // 3: clipping.
     const { stats, grads } = tf.tidy(() => {
-      const t = tf.tensor1d(timesteps, "int32");
-      const eps = tf.randomNormal(
-        x0.shape,
-        0,
-        1,
-        "float32",
-        noiseSeed,
-      ) as tf.Tensor4D;
-      const { value, grads: named } = tf.variableGrads(() => {
-        const xt = qSample(x0, t, eps, this.schedule);
-        const pred = this.model.predict(xt, t);
-        return tf.mean(tf.squaredDifference(pred, eps)) as tf.Scalar;
-      }, vars);
-      const raw = new Map<string, tf.Tensor>();
-      for (const [name, g] of Object.entries(named)) {
-        if (g !== null) raw.set(keyOf.get(name)!, g);
-      }
-      const { grads, norm } = clipGradNorm(raw, this.maxGradNorm);
+      const { grads, norm } = clipGradNorm(raw.grads, this.maxGradNorm);
       return {
-        stats: tf.stack([value, norm]),
+        stats: tf.stack([raw.loss, norm]),
         grads: Object.fromEntries(grads),
       };
     });
+    raw.loss.dispose();
+    disposeMap(raw.grads);
     const gradMap = new Map(Object.entries(grads));
     // 4: the one read; nothing has changed yet.
     let values: Float32Array;
@@ -388,6 +454,139 @@ export class Trainer {
     this.ema?.update(this.model.params);
     this.#step = index + 1;
     return { step: this.#step, loss, gradNorm };
+  }
+
+  /** The trainable variables and the key of each, by variable name. */
+  #trainable(): { vars: tf.Variable[]; keyOf: Map<string, string> } {
+    return {
+      vars: [...this.model.params.values()].filter((v) => v.trainable),
+      keyOf: new Map(
+        [...this.model.params].map(([k, v]) => [v.name, k] as [string, string]),
+      ),
+    };
+  }
+
+  /** The draws, x_t, the loss and its gradients on this thread (one tidy). */
+  #lossAndGrads(
+    x0: tf.Tensor4D,
+    timesteps: Int32Array,
+    noiseSeed: number,
+  ): LossAndGrads {
+    const { vars, keyOf } = this.#trainable();
+    const { loss, grads } = tf.tidy(() => {
+      const t = tf.tensor1d(timesteps, "int32");
+      const eps = tf.randomNormal(
+        x0.shape,
+        0,
+        1,
+        "float32",
+        noiseSeed,
+      ) as tf.Tensor4D;
+      const { value, grads: named } = tf.variableGrads(() => {
+        const xt = qSample(x0, t, eps, this.schedule);
+        const pred = this.model.predict(xt, t);
+        return tf.mean(tf.squaredDifference(pred, eps)) as tf.Scalar;
+      }, vars);
+      const raw: Record<string, tf.Tensor> = {};
+      for (const [name, g] of Object.entries(named)) {
+        if (g !== null) raw[keyOf.get(name)!] = g;
+      }
+      return { loss: value, grads: raw };
+    });
+    return { loss, grads: new Map(Object.entries(grads)) };
+  }
+
+  /**
+   * The same draws, loss and gradients with the batch split into shards:
+   * the first here, the others on the pool's workers (sent the current
+   * weights); the shards' losses and gradients are summed.
+   */
+  async #parallelLossAndGrads(
+    x0: tf.Tensor4D,
+    timesteps: Int32Array,
+    noiseSeed: number,
+  ): Promise<LossAndGrads> {
+    const pool = this.#pool!;
+    const [n, h, w, c] = x0.shape;
+    const per = h * w * c;
+    const total = n * per;
+    const shards = shardRows(n, pool.size + 1);
+    const { t, eps, xt } = tf.tidy(() => {
+      const t = tf.tensor1d(timesteps, "int32");
+      const eps = tf.randomNormal(
+        x0.shape,
+        0,
+        1,
+        "float32",
+        noiseSeed,
+      ) as tf.Tensor4D;
+      return { t, eps, xt: qSample(x0, t, eps, this.schedule) };
+    });
+    const params = pool.keys.map((k) => this.model.params.get(k)!);
+    let remote: Promise<ShardResult>[];
+    try {
+      await pool.ready();
+      const [xtHost, epsHost, ...weights] = await Promise.all([
+        xt.data() as Promise<Float32Array>,
+        eps.data() as Promise<Float32Array>,
+        ...params.map((p) => p.data() as Promise<Float32Array>),
+      ]);
+      remote = shards.slice(1).map(([start, count], i) =>
+        pool.run(i, {
+          weights,
+          xt: xtHost.slice(start * per, (start + count) * per),
+          t: timesteps.slice(start, start + count),
+          eps: epsHost.slice(start * per, (start + count) * per),
+          shape: [count, h, w, c],
+          total,
+        })
+      );
+    } catch (e) {
+      tf.dispose([t, eps, xt]);
+      throw e;
+    }
+    // Never leave a rejection unobserved while the local shard computes.
+    for (const r of remote) r.catch(() => {});
+    const { vars, keyOf } = this.#trainable();
+    const local = tf.tidy(() => {
+      const [, count] = shards[0];
+      const xs = tf.slice(xt, [0, 0, 0, 0], [count, h, w, c]);
+      const es = tf.slice(eps, [0, 0, 0, 0], [count, h, w, c]);
+      const ts = tf.slice(t, [0], [count]);
+      const { value, grads } = tf.variableGrads(
+        () => shardLoss(this.model.predict(xs, ts), es, total),
+        vars,
+      );
+      return { value, grads };
+    });
+    tf.dispose([t, eps, xt]);
+    let results: ShardResult[];
+    try {
+      results = await Promise.all(remote);
+    } catch (e) {
+      tf.dispose([local.value, ...Object.values(local.grads)]);
+      throw e;
+    }
+    const slot = new Map(pool.keys.map((k, i) => [k, i]));
+    const { loss, grads } = tf.tidy(() => {
+      const loss = tf.addN([
+        local.value,
+        ...results.map((r) => tf.scalar(r.loss)),
+      ]) as tf.Scalar;
+      const grads: Record<string, tf.Tensor> = {};
+      for (const [name, g] of Object.entries(local.grads)) {
+        if (g === null) continue;
+        const key = keyOf.get(name)!;
+        const i = slot.get(key)!;
+        grads[key] = tf.addN([
+          g,
+          ...results.map((r) => tf.tensor(r.grads[i], g.shape, "float32")),
+        ]);
+      }
+      return { loss, grads };
+    });
+    tf.dispose([local.value, ...Object.values(local.grads)]);
+    return { loss, grads: new Map(Object.entries(grads)) };
   }
 
   /**
@@ -518,7 +717,7 @@ export class Trainer {
   }
 
   /**
-   * Free the optimizer's moments and the EMA weights (the model and schedule stay the caller's).
+   * Free the optimizer's moments and the EMA weights, and stop the workers (the model and schedule stay the caller's).
    *
    * @returns Nothing.
    * @example
@@ -535,6 +734,8 @@ export class Trainer {
    * ```
    */
   dispose(): void {
+    this.#pool?.dispose();
+    this.#pool = null;
     this.optimizer.dispose();
     this.ema?.dispose();
   }

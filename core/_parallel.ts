@@ -1,0 +1,207 @@
+/**
+ * Data parallelism for the training step: the batch is cut into contiguous
+ * shards, the main thread computes the first and Deno module workers (each
+ * with a UNet replica on its own tfjs) the others; the gradients are summed
+ * on the main thread, which then clips and updates once.
+ *
+ * Each shard's loss is its share of the batch's mean, sum((pred - eps)^2)
+ * over the shard divided by the element count of the whole batch, so the
+ * shards' losses and gradients add up to the full batch's (up to float
+ * summation order).
+ *
+ * @module
+ */
+import { tf } from "./backend.ts";
+import type { UNetConfig } from "./unet.ts";
+
+/**
+ * A shard's share of the batch's mean squared error: sum((pred - eps)^2) / total.
+ *
+ * @param pred The shard's noise prediction.
+ * @param eps The shard's noise.
+ * @param total Number of elements in the whole batch.
+ * @returns A scalar; the shards' values add up to the batch's mean.
+ */
+export function shardLoss(
+  pred: tf.Tensor,
+  eps: tf.Tensor,
+  total: number,
+): tf.Scalar {
+  return tf.tidy(() =>
+    tf.div(tf.sum(tf.squaredDifference(pred, eps)), total) as tf.Scalar
+  );
+}
+
+/**
+ * Cut `n` rows into at most `k` contiguous shards whose sizes differ by at
+ * most one, the larger first; empty shards are left out.
+ *
+ * @param n Rows (batch size).
+ * @param k Shards wanted.
+ * @returns `[start, count]` per shard, in order.
+ */
+export function shardRows(n: number, k: number): [number, number][] {
+  const out: [number, number][] = [];
+  const size = Math.floor(n / k);
+  const extra = n % k;
+  let start = 0;
+  for (let i = 0; i < k; i++) {
+    const count = size + (i < extra ? 1 : 0);
+    if (count > 0) out.push([start, count]);
+    start += count;
+  }
+  return out;
+}
+
+/** What a worker returns for its shard. */
+export interface ShardResult {
+  /** The shard's share of the batch loss. */
+  loss: number;
+  /** Gradients in the pool's key order. */
+  grads: Float32Array[];
+}
+
+/** One shard's inputs, host arrays. */
+export interface ShardInput {
+  /** Current weights in the pool's key order, or null if the worker has them. */
+  weights: Float32Array[] | null;
+  /** x_t of the shard, NHWC. */
+  xt: Float32Array;
+  /** Timesteps of the shard. */
+  t: Int32Array;
+  /** Noise of the shard, NHWC. */
+  eps: Float32Array;
+  /** `[count, H, W, C]`. */
+  shape: [number, number, number, number];
+  /** Elements in the whole batch. */
+  total: number;
+}
+
+interface Pending {
+  resolve: (r: ShardResult) => void;
+  reject: (e: Error) => void;
+}
+
+/**
+ * Workers, each a UNet replica that computes a shard's loss and gradients.
+ * Start with the constructor; free with {@linkcode GradientPool.dispose}.
+ */
+export class GradientPool {
+  /** Number of workers. */
+  readonly size: number;
+  /** Parameter keys, in the order weights and gradients travel. */
+  readonly keys: readonly string[];
+  #workers: Worker[] = [];
+  #ready: Promise<void>;
+  #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #failure: Error | null = null;
+  #disposed = false;
+
+  /**
+   * Start `size` workers with UNet replicas.
+   *
+   * @param config The UNet's configuration.
+   * @param keys Parameter keys, in the order weights and gradients travel.
+   * @param size Number of workers, >= 1.
+   * @param backend The tfjs backend each worker computes on.
+   */
+  constructor(
+    config: UNetConfig,
+    keys: string[],
+    size: number,
+    backend: "wasm" | "cpu",
+  ) {
+    this.size = size;
+    this.keys = keys;
+    const readies: Promise<void>[] = [];
+    for (let i = 0; i < size; i++) {
+      const worker = new Worker(
+        new URL("./_parallel_worker.ts", import.meta.url),
+        { type: "module" },
+      );
+      readies.push(
+        new Promise<void>((resolve, reject) => {
+          worker.onmessage = (e: MessageEvent) => {
+            const m = e.data;
+            if (m.kind === "ready") resolve();
+            else if (m.kind === "error" && m.id === -1) {
+              reject(new Error(m.message));
+            } else this.#receive(m);
+          };
+          worker.onerror = (e: ErrorEvent) => {
+            e.preventDefault();
+            const err = new Error(
+              `Cannot train in parallel: a worker failed (${e.message})`,
+            );
+            this.#fail(err);
+            reject(err);
+          };
+        }),
+      );
+      worker.postMessage({ kind: "init", config, backend, keys, threads: 1 });
+      this.#workers.push(worker);
+    }
+    this.#ready = Promise.all(readies).then(() => {});
+    // A failure before anyone awaits is reported by the next run().
+    this.#ready.catch(() => {});
+  }
+
+  #receive(
+    m: { kind: string; id: number; message?: string } & Partial<ShardResult>,
+  ): void {
+    const p = this.#pending.get(m.id);
+    if (p === undefined) return;
+    this.#pending.delete(m.id);
+    if (m.kind === "grads") p.resolve({ loss: m.loss!, grads: m.grads! });
+    else p.reject(new Error(`Cannot train in parallel: ${m.message}`));
+  }
+
+  #fail(err: Error): void {
+    this.#failure ??= err;
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+  }
+
+  /** Resolves when every worker has started; rejects if one failed to. */
+  ready(): Promise<void> {
+    return this.#ready;
+  }
+
+  /**
+   * Compute one shard's loss and gradients on worker `i`. The message goes
+   * out before this returns, so the worker computes while the caller does;
+   * await {@linkcode GradientPool.ready} first.
+   *
+   * @param i Worker index in [0, size).
+   * @param input The shard and, when they changed, the weights.
+   * @returns The shard's loss share and gradients.
+   */
+  run(i: number, input: ShardInput): Promise<ShardResult> {
+    if (this.#disposed) {
+      return Promise.reject(
+        new Error(
+          "Cannot train in parallel: the worker pool was disposed (got a disposed pool, expected a live one)",
+        ),
+      );
+    }
+    if (this.#failure !== null) return Promise.reject(this.#failure);
+    const id = this.#nextId++;
+    return new Promise<ShardResult>((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject });
+      this.#workers[i].postMessage({ kind: "step", id, ...input });
+    });
+  }
+
+  /** Terminate the workers; pending runs are rejected. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    for (const w of this.#workers) w.terminate();
+    this.#fail(
+      new Error(
+        "Cannot train in parallel: the worker pool was disposed during a step",
+      ),
+    );
+  }
+}
