@@ -227,7 +227,13 @@ class Progress {
   #last = -Infinity;
   readonly #every: number;
 
-  constructor(total: number, start: number, format: string, every = 10) {
+  constructor(
+    total: number,
+    start: number,
+    format: string,
+    initial: Record<string, string> = {},
+    every = 10,
+  ) {
     this.#every = every;
     if (Deno.stderr.isTerminal()) {
       this.#bar = new cliProgress.SingleBar({
@@ -239,7 +245,7 @@ class Progress {
         etaBuffer: 50,
         fps: 5,
       }, cliProgress.Presets.shades_classic);
-      this.#bar.start(total, start, {});
+      this.#bar.start(total, start, initial);
     }
   }
 
@@ -427,9 +433,9 @@ function downloadReporter(): (p: DownloadProgress) => void {
           `\r${formatProgress(p)}${p.done ? "\n" : ""}\x1b[K`,
         ),
       );
-    } else if (p.done || now - last > 5000) {
+    } else if ((p.done && p.received > 0) || now - last > 5000) {
       last = now;
-      say(`download ${formatProgress(p)}${p.done ? " done" : ""}`);
+      say(`download ${formatProgress(p)}`);
     }
   };
 }
@@ -796,7 +802,8 @@ async function trainLoop(
   const progress = new Progress(
     total,
     run.step,
-    "step {value}/{total} |{bar}| loss {loss} | {ips} img/s | {elapsed} | ETA {eta}",
+    "step {value}/{total} |{bar}| loss {loss} | {ips} img/s | {elapsed} | ETA {left}",
+    { loss: "-", ips: "-", elapsed: "-", left: "-" },
   );
   let smooth = 0;
   let weight = 0;
@@ -819,15 +826,30 @@ async function trainLoop(
         return b.images;
       },
       sample: grid.enabled
-        ? ({ model, schedule, signal }) =>
-          grid.sampler.sample(model, schedule, {
+        ? ({ model, schedule, signal, final, step }) => {
+          const spec = grid.sampler.options.numSteps;
+          const numSteps = grid.numSteps ??
+            (spec?.type === "int" && spec.default !== undefined
+              ? Math.min(spec.default, schedule.T)
+              : undefined);
+          const what = `${grid.n} images with ${grid.sampler.name}${
+            numSteps !== undefined ? ` (${numSteps} steps)` : ""
+          }`;
+          if (final) {
+            progress.stop();
+            say(`sampling the final grid: ${what}`);
+          } else if (!Deno.stderr.isTerminal()) {
+            say(`sampling a grid at step ${step}: ${what}`);
+          }
+          return grid.sampler.sample(model, schedule, {
             n: grid.n,
-            ...(grid.numSteps !== undefined ? { numSteps: grid.numSteps } : {}),
+            ...(numSteps !== undefined ? { numSteps } : {}),
             imgSize: data.imageSize,
             channels: run.unet.config.inChannels,
             seed: run.setup.seed,
             signal,
-          })
+          });
+        }
         : undefined,
       signal: controller.signal,
       onStep: (m) => {
@@ -845,7 +867,7 @@ async function trainLoop(
             loss,
             ips: ips.toFixed(1),
             elapsed: fmtDuration(m.elapsedSec),
-            eta: fmtDuration(eta),
+            left: fmtDuration(eta),
           },
           () => line(m, loss, fmtDuration(eta)),
           m.step === first + 1,
@@ -925,7 +947,10 @@ function describeOption(name: string, spec: OptionSpec): string {
   const flag = spec.type === "boolean"
     ? `--${kebab(name)} / --no-${kebab(name)}`
     : `--${kebab(name)} ${range}`;
-  return `  ${flag.padEnd(34)} ${spec.description}${def}`;
+  const lead = flag.length > 33
+    ? `${flag}\n  ${" ".repeat(34)}`
+    : flag.padEnd(34);
+  return `  ${lead} ${spec.description}${def}`;
 }
 
 function sampleHelp(): string {
@@ -1099,6 +1124,7 @@ async function sample(args: string[]): Promise<number> {
             steps,
             0,
             "sample {value}/{total} |{bar}| {elapsed} | ETA {eta_formatted}",
+            { elapsed: "-" },
           );
           const sec = (performance.now() - t0) / 1000;
           progress.update(
