@@ -20,6 +20,7 @@
  */
 import "./_gradients.ts";
 import { tf } from "./backend.ts";
+import { channelSum } from "./_reduce.ts";
 
 type Shape4 = [number, number, number, number];
 type ExplicitPadding = [
@@ -59,24 +60,23 @@ function checkGeometry(
   }
 }
 
-/** The forward value and gradient of a two-input op, as `tf.customGrad` wants them. */
+/** The forward value and gradient of an op, as `tf.customGrad` wants them. */
 interface Custom {
   value: tf.Tensor4D;
   gradFunc: (dy: tf.Tensor4D, saved: tf.Tensor[]) => tf.Tensor[];
 }
 
-/** `tf.customGrad` for an op of two 4-D tensors, typed. */
+/** `tf.customGrad` for an op of tensors (a 4-D input and its weights), typed. */
 function customOp(
-  f: (a: tf.Tensor4D, b: tf.Tensor4D, save: tf.GradSaveFunc) => Custom,
-): (a: tf.Tensor4D, b: tf.Tensor4D) => tf.Tensor4D {
+  f: (inputs: tf.Tensor[], save: tf.GradSaveFunc) => Custom,
+): (...inputs: tf.Tensor[]) => tf.Tensor4D {
   const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) =>
     f(
-      args[0] as tf.Tensor4D,
-      args[1] as tf.Tensor4D,
-      args[2] as tf.GradSaveFunc,
+      args.slice(0, -1) as tf.Tensor[],
+      args[args.length - 1] as tf.GradSaveFunc,
     )
   );
-  return (a, b) => op(a, b) as tf.Tensor4D;
+  return (...inputs) => op(...inputs) as tf.Tensor4D;
 }
 
 /** Output size of a convolution along one axis, as PyTorch computes it. */
@@ -250,6 +250,7 @@ function filterGrad(
  * @param stride Stride along both spatial axes.
  * @param pad Zero pixels added on each side of both spatial axes, as
  * PyTorch's `padding`; in `[0, kernel size - 1]`.
+ * @param bias Optional `[Cout]`, added to every output pixel.
  * @returns `[N, OH, OW, Cout]` with OH = floor((H + 2 pad - kh) / stride) + 1.
  * @example
  * ```ts
@@ -268,24 +269,38 @@ export function conv2d(
   w: tf.Tensor4D,
   stride: number,
   pad: number,
+  bias?: tf.Tensor,
 ): tf.Tensor4D {
   const [kh, kw] = w.shape;
   checkGeometry("convolve", stride, pad, kh, kw);
-  const op = customOp((xi, wi, save) => {
+  const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
+  const op = customOp(([xi, wi, bi], save) => {
     save([xi, wi]);
-    const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
+    const x4 = xi as tf.Tensor4D;
+    const w4 = wi as tf.Tensor4D;
     return {
-      value: tf.conv2d(xi, wi, stride, padding),
+      // The bias is added inside the convolution kernel where the backend
+      // fuses it (XNNPACK on wasm).
+      value: bi === undefined
+        ? tf.conv2d(x4, w4, stride, padding)
+        : tf.fused.conv2d({
+          x: x4,
+          filter: w4,
+          strides: stride,
+          pad: padding,
+          bias: bi,
+        }),
       gradFunc: (g, saved) => {
         const [xv, wv] = saved as tf.Tensor4D[];
-        return [
+        const grads = [
           adjoint(g, wv, xv.shape, stride, pad),
           filterGrad(xv, g, kh, kw, stride, pad),
         ];
+        return bi === undefined ? grads : [...grads, channelSum(g)];
       },
     };
   });
-  return op(x, w);
+  return bias === undefined ? op(x, w) : op(x, w, bias);
 }
 
 /**
@@ -299,6 +314,7 @@ export function conv2d(
  * as PyTorch computes it, or up to stride - 1 more (PyTorch's `output_padding`).
  * @param stride Stride along both spatial axes.
  * @param pad PyTorch's `padding`: pixels cropped from each side of the full output.
+ * @param bias Optional `[Cout]`, added to every output pixel.
  * @returns `[N, OH, OW, Cout]`.
  * @example
  * ```ts
@@ -318,6 +334,7 @@ export function conv2dTranspose(
   outputShape: [number, number, number, number],
   stride: number,
   pad: number,
+  bias?: tf.Tensor,
 ): tf.Tensor4D {
   const [kh, kw, cout, cin] = w.shape;
   checkGeometry("transpose-convolve", stride, pad, kh, kw);
@@ -336,24 +353,26 @@ export function conv2dTranspose(
     );
   }
   const shape: Shape4 = [n, oh, ow, oc];
-  const op = customOp((xi, wi, save) => {
+  const op = customOp(([xi, wi, bi], save) => {
     save([xi, wi]);
+    const y = adjoint(xi as tf.Tensor4D, wi as tf.Tensor4D, shape, stride, pad);
     return {
-      value: adjoint(xi, wi, shape, stride, pad),
+      value: bi === undefined ? y : tf.add(y, bi),
       gradFunc: (g, saved) => {
         const [xv, wv] = saved as tf.Tensor4D[];
         const padding = pad === 0
           ? "valid"
           : spatialPadding(pad, pad, pad, pad);
-        return [
+        const grads = [
           tf.conv2d(g, wv, stride, padding),
           // The transposed conv is the adjoint of conv2d(., w) mapping the
           // output back to x, so its dW is that conv's dW with the roles of
           // input (here dy) and output gradient (here x) exchanged.
           filterGrad(g, xv, kh, kw, stride, pad),
         ];
+        return bi === undefined ? grads : [...grads, channelSum(g)];
       },
     };
   });
-  return op(x, w);
+  return bias === undefined ? op(x, w) : op(x, w, bias);
 }

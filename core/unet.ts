@@ -23,7 +23,13 @@
  */
 import { tf } from "./backend.ts";
 import { conv2d, conv2dTranspose } from "./_conv.ts";
-import { groupNorm, linear, silu, sinusoidalEmbedding } from "./_layers.ts";
+import {
+  addPerImage,
+  groupNormSilu,
+  linear,
+  silu,
+  sinusoidalEmbedding,
+} from "./_layers.ts";
 
 /** The UNet's hyper-parameters, as the reference's `UNet(in_ch, base, time_dim)`. */
 export interface UNetConfig {
@@ -254,30 +260,38 @@ function forward(
   const dense = (name: string, h: tf.Tensor2D) =>
     linear(h, get(`${name}.weight`), get(`${name}.bias`));
   const conv = (name: string, h: tf.Tensor4D, stride: number, pad: number) =>
-    tf.add(
-      conv2d(h, get(`${name}.weight`) as tf.Tensor4D, stride, pad),
+    conv2d(
+      h,
+      get(`${name}.weight`) as tf.Tensor4D,
+      stride,
+      pad,
       get(`${name}.bias`),
-    ) as tf.Tensor4D;
+    );
   const up = (name: string, h: tf.Tensor4D) => {
     const w = get(`${name}.weight`) as tf.Tensor4D;
     const [n, hh, ww] = h.shape;
-    return tf.add(
-      conv2dTranspose(h, w, [n, 2 * hh, 2 * ww, w.shape[2]], 2, 1),
+    return conv2dTranspose(
+      h,
+      w,
+      [n, 2 * hh, 2 * ww, w.shape[2]],
+      2,
+      1,
       get(`${name}.bias`),
-    ) as tf.Tensor4D;
+    );
   };
-  const norm = (name: string, h: tf.Tensor4D) =>
-    groupNorm(h, get(`${name}.weight`), get(`${name}.bias`), GROUPS);
+  // Every GroupNorm is followed by SiLU: one op with its own gradient.
+  const normAct = (name: string, h: tf.Tensor4D) =>
+    groupNormSilu(h, get(`${name}.weight`), get(`${name}.bias`), GROUPS);
 
   const emb = sinusoidalEmbedding(t, config.timeDim);
   const temb = dense("time.mlp.2", silu(dense("time.mlp.0", emb)));
   // Every ResBlock's time_proj sees SiLU(temb).
   const tact = silu(temb);
   const block = (name: string, h: tf.Tensor4D) => {
-    let y = conv(`${name}.conv1`, silu(norm(`${name}.norm1`, h)), 1, 1);
+    let y = conv(`${name}.conv1`, normAct(`${name}.norm1`, h), 1, 1);
     const proj = dense(`${name}.time_proj`, tact);
-    y = tf.add(y, tf.reshape(proj, [proj.shape[0], 1, 1, proj.shape[1]]));
-    y = conv(`${name}.conv2`, silu(norm(`${name}.norm2`, y)), 1, 1);
+    y = addPerImage(y, proj);
+    y = conv(`${name}.conv2`, normAct(`${name}.norm2`, y), 1, 1);
     const skip = p.has(`${name}.skip.weight`)
       ? conv(`${name}.skip`, h, 1, 0)
       : h;
@@ -290,7 +304,7 @@ function forward(
   let h = block("mid2", block("mid1", conv("ds2", s2, 2, 1)));
   h = block("up2", tf.concat([up("us2", h), s2], 3));
   h = block("up1", tf.concat([up("us1", h), s1], 3));
-  return conv("out_conv", silu(norm("out_norm", h)), 1, 1);
+  return conv("out_conv", normAct("out_norm", h), 1, 1);
 }
 
 /** Set by {@linkcode UNet.fromParams} while it constructs: the weights to adopt. */

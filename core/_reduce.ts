@@ -1,0 +1,53 @@
+/**
+ * Reductions over the outer axes of NHWC tensors, as products with rows of
+ * ones: tfjs's wasm `Sum` over non-innermost axes transposes first and
+ * costs several times more.
+ *
+ * @module
+ */
+import { tf } from "./backend.ts";
+
+/**
+ * Per-(image, channel) sums over the spatial axes.
+ *
+ * @param x `[N, H, W, C]`.
+ * @returns `[N, 1, 1, C]`.
+ * @example
+ * ```ts
+ * import { initBackend, tf } from "./backend.ts";
+ * import { spatialSum } from "./_reduce.ts";
+ * await initBackend("cpu");
+ * const x = tf.tensor4d([1, 2, 3, 4], [1, 2, 1, 2]);
+ * console.log(spatialSum(x).dataSync()); // [4, 6]
+ * x.dispose();
+ * ```
+ */
+export function spatialSum(x: tf.Tensor4D): tf.Tensor4D {
+  return tf.tidy(() => {
+    const [n, h, w, c] = x.shape;
+    const sums = tf.matMul(
+      tf.ones([n, 1, h * w]) as tf.Tensor3D,
+      tf.reshape(x, [n, h * w, c]) as tf.Tensor3D,
+    );
+    return tf.reshape(sums, [n, 1, 1, c]);
+  });
+}
+
+/**
+ * Per-channel sums over the batch and spatial axes (a bias's gradient).
+ *
+ * @param x `[N, H, W, C]`.
+ * @returns `[C]`.
+ * @example
+ * ```ts
+ * import { initBackend, tf } from "./backend.ts";
+ * import { channelSum } from "./_reduce.ts";
+ * await initBackend("cpu");
+ * const x = tf.tensor4d([1, 2, 3, 4], [2, 1, 1, 2]);
+ * console.log(channelSum(x).dataSync()); // [4, 6]
+ * x.dispose();
+ * ```
+ */
+export function channelSum(x: tf.Tensor4D): tf.Tensor1D {
+  return tf.tidy(() => tf.reshape(tf.sum(spatialSum(x), [0, 1, 2]), [-1]));
+}

@@ -1,0 +1,284 @@
+import assert from "node:assert/strict";
+import { initBackend, tf } from "../core/backend.ts";
+import "../core/_gradients.ts";
+import {
+  addPerImage,
+  groupNorm,
+  groupNormSilu,
+  silu,
+} from "../core/_layers.ts";
+import { channelSum, spatialSum } from "../core/_reduce.ts";
+import { conv2d, conv2dTranspose } from "../core/_conv.ts";
+
+await initBackend("cpu");
+
+function randoms(n: number, seed: number): Float32Array {
+  let a = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let z = a;
+    z = Math.imul(z ^ (z >>> 15), z | 1);
+    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+    out[i] = ((z ^ (z >>> 14)) >>> 0) / 4294967296 * 2 - 1;
+  }
+  return out;
+}
+
+function maxRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let scale = 0;
+  let d = 0;
+  for (let i = 0; i < a.length; i++) {
+    scale = Math.max(scale, Math.abs(b[i]));
+    d = Math.max(d, Math.abs(a[i] - b[i]));
+  }
+  return d / Math.max(scale, 1e-12);
+}
+
+/** GroupNorm as tfjs composes it from means and broadcasts: the second implementation. */
+function compositeGroupNorm(
+  x: tf.Tensor4D,
+  gamma: tf.Tensor,
+  beta: tf.Tensor,
+  groups: number,
+): tf.Tensor4D {
+  const [n, h, w, c] = x.shape;
+  const g = tf.reshape(x, [n, h, w, groups, c / groups]);
+  const mean = tf.mean(g, [1, 2, 4], true);
+  const centred = tf.sub(g, mean);
+  const variance = tf.mean(tf.square(centred), [1, 2, 4], true);
+  const normed = tf.mul(centred, tf.rsqrt(tf.add(variance, 1e-5)));
+  return tf.add(tf.mul(tf.reshape(normed, [n, h, w, c]), gamma), beta);
+}
+
+interface Case {
+  x: tf.Tensor4D;
+  gamma: tf.Tensor1D;
+  beta: tf.Tensor1D;
+  dz: tf.Tensor4D;
+}
+
+function normCase(shape: [number, number, number, number]): Case {
+  const size = shape.reduce((a, b) => a * b, 1);
+  const c = shape[3];
+  // Channel offsets and a non-zero mean, so centring matters.
+  const xs = randoms(size, 1).map((v, i) => 2 * v + 0.5 + 0.1 * (i % c));
+  return {
+    x: tf.tensor4d(xs, shape),
+    gamma: tf.tensor1d(randoms(c, 2).map((v) => 1 + 0.5 * v)),
+    beta: tf.tensor1d(randoms(c, 3).map((v) => 0.3 * v)),
+    dz: tf.tensor4d(randoms(size, 4), shape),
+  };
+}
+
+/** Values and gradients (x, gamma, beta) of f against the upstream gradient dz. */
+function valueAndGrads(
+  f: (x: tf.Tensor4D, g: tf.Tensor, b: tf.Tensor) => tf.Tensor4D,
+  k: Case,
+): Float32Array[] {
+  return tf.tidy(() => {
+    const grads = tf.grads((x: tf.Tensor, g: tf.Tensor, b: tf.Tensor) =>
+      f(x as tf.Tensor4D, g, b)
+    )([k.x, k.gamma, k.beta], k.dz);
+    const y = f(k.x, k.gamma, k.beta);
+    return [y, ...grads].map((t) => t.dataSync() as Float32Array);
+  });
+}
+
+for (const backend of ["cpu", "wasm"] as const) {
+  Deno.test(`groupNormSilu and groupNorm: values and gradients equal tfjs's composite (${backend})`, async () => {
+    await initBackend(backend);
+    for (
+      const [shape, groups] of [
+        [[2, 4, 4, 16], 8],
+        [[3, 2, 6, 8], 2],
+        [[1, 5, 5, 4], 1],
+      ] as [[number, number, number, number], number][]
+    ) {
+      const k = normCase(shape);
+      const before = tf.memory().numTensors;
+      const pairs: [
+        (x: tf.Tensor4D, g: tf.Tensor, b: tf.Tensor) => tf.Tensor4D,
+        (x: tf.Tensor4D, g: tf.Tensor, b: tf.Tensor) => tf.Tensor4D,
+      ][] = [
+        [
+          (x, g, b) => groupNormSilu(x, g, b, groups),
+          (x, g, b) => silu(compositeGroupNorm(x, g, b, groups)),
+        ],
+        [
+          (x, g, b) => groupNorm(x, g, b, groups),
+          (x, g, b) => compositeGroupNorm(x, g, b, groups),
+        ],
+      ];
+      for (const [fused, composite] of pairs) {
+        const got = valueAndGrads(fused, k);
+        const want = valueAndGrads(composite, k);
+        ["value", "dx", "dgamma", "dbeta"].forEach((what, i) => {
+          const err = maxRel(got[i], want[i]);
+          assert.ok(err < 2e-5, `${backend} ${shape} ${what}: ${err}`);
+        });
+      }
+      assert.equal(tf.memory().numTensors, before);
+      tf.dispose([k.x, k.gamma, k.beta, k.dz]);
+    }
+    await initBackend("cpu");
+  });
+}
+
+Deno.test("groupNormSilu is silu of a float64 GroupNorm by hand", () => {
+  const [n, h, w, c, groups] = [2, 3, 3, 4, 2];
+  const xs = randoms(n * h * w * c, 9).map((v, i) => 3 * v + (i % c));
+  const x = tf.tensor4d(xs, [n, h, w, c]);
+  const gamma = tf.tensor1d([1, -0.5, 2, 0.25]);
+  const beta = tf.tensor1d([0, 0.1, -0.2, 0.3]);
+  const got = groupNormSilu(x, gamma, beta, groups).dataSync();
+  const g = gamma.dataSync();
+  const b = beta.dataSync();
+  const per = c / groups;
+  for (let i = 0; i < n; i++) {
+    for (let grp = 0; grp < groups; grp++) {
+      const idx: number[] = [];
+      for (let p = 0; p < h * w; p++) {
+        for (let k = 0; k < per; k++) {
+          idx.push((i * h * w + p) * c + grp * per + k);
+        }
+      }
+      const mean = idx.reduce((a, j) => a + xs[j], 0) / idx.length;
+      const v = idx.reduce((a, j) => a + (xs[j] - mean) ** 2, 0) / idx.length;
+      for (const j of idx) {
+        const y = (xs[j] - mean) / Math.sqrt(v + 1e-5) * g[j % c] + b[j % c];
+        const want = y / (1 + Math.exp(-y));
+        assert.ok(Math.abs(got[j] - want) < 1e-5, `${j}: ${got[j]} vs ${want}`);
+      }
+    }
+  }
+  tf.dispose([x, gamma, beta]);
+});
+
+Deno.test("spatialSum and channelSum add over the outer axes, by hand", () => {
+  // x[n, h, w, c] = 1000 n + 100 h + 10 w + c.
+  const [n, h, w, c] = [2, 3, 2, 3];
+  const xs: number[] = [];
+  for (let a = 0; a < n; a++) {
+    for (let b = 0; b < h; b++) {
+      for (let d = 0; d < w; d++) {
+        for (let e = 0; e < c; e++) xs.push(1000 * a + 100 * b + 10 * d + e);
+      }
+    }
+  }
+  const x = tf.tensor4d(xs, [n, h, w, c]);
+  const s = spatialSum(x);
+  assert.deepEqual(s.shape, [n, 1, 1, c]);
+  // Over h (0..2) and w (0..1): 6 (1000 n + e) + 2 * 300 + 3 * 10.
+  const want: number[] = [];
+  for (let a = 0; a < n; a++) {
+    for (let e = 0; e < c; e++) want.push(6 * (1000 * a + e) + 600 + 30);
+  }
+  assert.deepEqual([...s.dataSync()], want);
+  const t = channelSum(x);
+  assert.deepEqual(
+    [...t.dataSync()],
+    [0, 1, 2].map((e) => want[e] + want[c + e]),
+  );
+  tf.dispose([x, s, t]);
+});
+
+Deno.test("addPerImage adds v to every pixel; v's gradient is the spatial sum of dy", () => {
+  const y = tf.tensor4d(randoms(2 * 2 * 3 * 2, 5), [2, 2, 3, 2]);
+  const v = tf.tensor2d([[1, 2], [3, 4]]);
+  const dy = tf.tensor4d(randoms(2 * 2 * 3 * 2, 6), [2, 2, 3, 2]);
+  const got = addPerImage(y, v).dataSync();
+  const ys = y.dataSync();
+  for (let i = 0; i < ys.length; i++) {
+    const img = Math.floor(i / 12);
+    assert.ok(
+      Math.abs(got[i] - (ys[i] + [1, 2, 3, 4][img * 2 + (i % 2)])) < 1e-6,
+    );
+  }
+  const [gy, gv] = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
+    addPerImage(a as tf.Tensor4D, b as tf.Tensor2D)
+  )([y, v], dy);
+  assert.deepEqual([...gy.dataSync()], [...dy.dataSync()]);
+  const d = dy.dataSync();
+  const want = [0, 0, 0, 0];
+  for (let i = 0; i < d.length; i++) {
+    want[Math.floor(i / 12) * 2 + (i % 2)] += d[i];
+  }
+  assert.ok(maxRel(gv.dataSync(), want) < 1e-6);
+  tf.dispose([y, v, dy, gy, gv]);
+});
+
+for (const backend of ["cpu", "wasm"] as const) {
+  Deno.test(`conv2d and conv2dTranspose with a bias: value and gradients are the unbiased op's plus the bias's (${backend})`, async () => {
+    await initBackend(backend);
+    const x = tf.tensor4d(randoms(2 * 6 * 6 * 3, 11), [2, 6, 6, 3]);
+    const w = tf.tensor4d(randoms(3 * 3 * 3 * 4, 12), [3, 3, 3, 4]);
+    const b = tf.tensor1d([0.5, -1, 2, 0.25]);
+    const wt = tf.tensor4d(randoms(4 * 4 * 4 * 3, 13), [4, 4, 4, 3]);
+    const before = tf.memory().numTensors;
+    const cases: [
+      string,
+      (x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor) => tf.Tensor4D,
+      tf.Tensor,
+      number[],
+    ][] = [
+      [
+        "conv2d s2",
+        (a, k, c) => conv2d(a as tf.Tensor4D, k as tf.Tensor4D, 2, 1, c),
+        w,
+        [2, 3, 3, 4],
+      ],
+      [
+        "conv2dTranspose",
+        (a, k, c) =>
+          conv2dTranspose(
+            a as tf.Tensor4D,
+            k as tf.Tensor4D,
+            [2, 12, 12, 4],
+            2,
+            1,
+            c,
+          ),
+        wt,
+        [2, 12, 12, 4],
+      ],
+    ];
+    for (const [what, f, kernel, outShape] of cases) {
+      const dy = tf.tensor4d(
+        randoms(outShape.reduce((p, q) => p * q, 1), 14),
+        outShape as [number, number, number, number],
+      );
+      const [withBias, plain] = tf.tidy(() => {
+        const gb = tf.grads((a: tf.Tensor, k: tf.Tensor, c: tf.Tensor) =>
+          f(a, k, c)
+        )(
+          [x, kernel, b],
+          dy,
+        );
+        const gp = tf.grads((a: tf.Tensor, k: tf.Tensor) => f(a, k))([
+          x,
+          kernel,
+        ], dy);
+        return [
+          [f(x, kernel, b), ...gb].map((t) => t.dataSync()),
+          [f(x, kernel), ...gp].map((t) => t.dataSync()),
+        ];
+      });
+      // value = plain + b per channel
+      for (let i = 0; i < plain[0].length; i++) {
+        const want = plain[0][i] + [0.5, -1, 2, 0.25][i % 4];
+        assert.ok(Math.abs(withBias[0][i] - want) < 1e-4, `${what} value ${i}`);
+      }
+      assert.ok(maxRel(withBias[1], plain[1]) < 1e-6, `${what} dx`);
+      assert.ok(maxRel(withBias[2], plain[2]) < 1e-6, `${what} dw`);
+      const d = dy.dataSync();
+      const want = [0, 0, 0, 0];
+      for (let i = 0; i < d.length; i++) want[i % 4] += d[i];
+      assert.ok(maxRel(withBias[3], want) < 1e-5, `${what} dbias`);
+      dy.dispose();
+    }
+    assert.equal(tf.memory().numTensors, before);
+    tf.dispose([x, w, b, wt]);
+    await initBackend("cpu");
+  });
+}
