@@ -10,7 +10,7 @@
  *
  * @module
  */
-import { setWasmThreads } from "./_wasm_threads.ts";
+import { setWasmThreads } from "./wasm_threads.ts";
 import { initBackend, tf } from "./backend.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
 import { shardLoss } from "./_parallel.ts";

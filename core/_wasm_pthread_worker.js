@@ -6,7 +6,7 @@
 // module factory run as functions whose `process`, `require` and `global`
 // are undefined and whose `self`, `postMessage` and `importScripts` are
 // stand-ins on this worker's port, so they take the web-worker path.
-// Messages are handled strictly in order. See core/_wasm_threads.ts.
+// Messages are handled strictly in order. See core/wasm_threads.ts.
 import { parentPort } from "node:worker_threads";
 
 const scope = {

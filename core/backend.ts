@@ -11,6 +11,8 @@ import * as tf from "@tensorflow/tfjs-core";
 import "@tensorflow/tfjs-backend-cpu";
 import "@tensorflow/tfjs-backend-wasm";
 import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
+// Lets DDPM_WASM_THREADS / setWasmThreads start wasm multithreaded under Deno.
+import "./wasm_threads.ts";
 
 export { tf };
 

@@ -174,11 +174,11 @@ Deno.test("spatialSum and channelSum add over the outer axes, by hand", () => {
   for (let a = 0; a < n; a++) {
     for (let e = 0; e < c; e++) want.push(6 * (1000 * a + e) + 600 + 30);
   }
-  assert.deepEqual([...s.dataSync()], want);
+  // (An average pool times the window on wasm and cpu: exact up to rounding.)
+  assert.ok(maxRel(s.dataSync(), want) < 1e-6);
   const t = channelSum(x);
-  assert.deepEqual(
-    [...t.dataSync()],
-    [0, 1, 2].map((e) => want[e] + want[c + e]),
+  assert.ok(
+    maxRel(t.dataSync(), [0, 1, 2].map((e) => want[e] + want[c + e])) < 1e-6,
   );
   tf.dispose([x, s, t]);
 });

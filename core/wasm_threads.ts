@@ -19,6 +19,10 @@
  *    the Node path: one thread on a two-core machine. `os.cpus()` reports
  *    twice the threads wanted while the module starts.
  *
+ * Import for the effect (core/backend.ts does); {@linkcode setWasmThreads}
+ * or DDPM_WASM_THREADS choose the count, 1 (tfjs's single-threaded
+ * build, the stock behaviour under Deno) by default.
+ *
  * The workers are unref'd: an idle pool does not keep the process alive.
  * Emscripten also sets the global `Worker` to the Node one; it is restored.
  * If the threaded build fails to start, the single-threaded one is used.
@@ -84,7 +88,13 @@ class PthreadWorker {
 
 const NodeWorkerClass = workerThreads.Worker;
 
-/** Threads asked for: DDPM_WASM_THREADS, else the logical core count, capped at 8. */
+/**
+ * Threads asked for: DDPM_WASM_THREADS, else 1. Not the core count by
+ * default: XNNPACK's pool synchronises after every op, and on a busy
+ * machine (other processes on the cores) two threads measured 1.4-1.6x
+ * slower than one; data parallelism over workers (the trainer's `workers`)
+ * synchronises once a step and never lost more than a few percent.
+ */
 function wantedThreads(): number {
   let fromEnv: string | undefined;
   try {
@@ -92,9 +102,7 @@ function wantedThreads(): number {
   } catch {
     fromEnv = undefined; // no --allow-env: use the default
   }
-  const n = fromEnv !== undefined && fromEnv !== ""
-    ? Number(fromEnv)
-    : navigator.hardwareConcurrency ?? 1;
+  const n = fromEnv !== undefined && fromEnv !== "" ? Number(fromEnv) : 1;
   if (!Number.isFinite(n) || n < 1) return 1;
   return Math.min(Math.floor(n), MAX_THREADS);
 }
@@ -104,10 +112,19 @@ let started = 0;
 
 /**
  * Choose the wasm backend's thread count; takes effect when the wasm
- * backend next initialises (call before `initBackend("wasm")`).
+ * backend initialises (call before the first `initBackend("wasm")` of the
+ * process). More than one runs tfjs's threaded-SIMD build, XNNPACK
+ * splitting every op over the threads.
  *
  * @param n Threads, 1 (single-threaded) to 8; null for the default
- * (DDPM_WASM_THREADS, else the logical core count).
+ * (DDPM_WASM_THREADS, else 1).
+ * @returns Nothing.
+ * @example
+ * ```ts
+ * import { setWasmThreads } from "./wasm_threads.ts";
+ * setWasmThreads(2); // before initBackend("wasm")
+ * setWasmThreads(null); // back to the default
+ * ```
  */
 export function setWasmThreads(n: number | null): void {
   if (n !== null && !(Number.isInteger(n) && n >= 1 && n <= MAX_THREADS)) {
@@ -118,7 +135,18 @@ export function setWasmThreads(n: number | null): void {
   requested = n;
 }
 
-/** Threads the running wasm backend uses (0 before it has started). */
+/**
+ * Threads the running wasm backend uses (0 before it has started).
+ *
+ * @returns The thread count of XNNPACK's pool, or 0.
+ * @example
+ * ```ts
+ * import { initBackend } from "./backend.ts";
+ * import { wasmThreads } from "./wasm_threads.ts";
+ * await initBackend("wasm");
+ * console.log(wasmThreads()); // 1 unless DDPM_WASM_THREADS says otherwise
+ * ```
+ */
 export function wasmThreads(): number {
   return started;
 }

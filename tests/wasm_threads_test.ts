@@ -1,0 +1,91 @@
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { initBackend, tf } from "../core/backend.ts";
+import { setWasmThreads } from "../core/wasm_threads.ts";
+
+const root = fileURLToPath(new URL("..", import.meta.url));
+
+/**
+ * In a fresh process (tfjs picks its wasm build once per process): start
+ * wasm with DDPM_WASM_THREADS threads, and print the thread count and a
+ * convolution's and a matrix product's values as JSON.
+ */
+async function child(threads: string): Promise<{
+  code: number;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}> {
+  const backend = new URL("../core/backend.ts", import.meta.url).href;
+  const wt = new URL("../core/wasm_threads.ts", import.meta.url).href;
+  const code = `
+    import { initBackend, tf } from "${backend}";
+    import { wasmThreads } from "${wt}";
+    await initBackend("wasm");
+    const x = tf.tensor4d(Array.from({ length: 2 * 9 * 9 * 16 }, (_, i) => Math.sin(i)), [2, 9, 9, 16]);
+    const w = tf.tensor4d(Array.from({ length: 3 * 3 * 16 * 24 }, (_, i) => Math.cos(i)), [3, 3, 16, 24]);
+    const a = tf.tensor2d(Array.from({ length: 96 * 80 }, (_, i) => Math.sin(3 * i)), [96, 80]);
+    const conv = Array.from(await tf.conv2d(x, w, 1, "same").data());
+    const mm = Array.from(await tf.matMul(a, a, false, true).data());
+    console.log(JSON.stringify({ backend: tf.getBackend(), threads: wasmThreads(), conv, mm }));
+  `;
+  const t0 = performance.now();
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--config", `${root}/deno.json`, code],
+    cwd: root,
+    env: { DDPM_WASM_THREADS: threads },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+    ms: performance.now() - t0,
+  };
+}
+
+Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build: same values as one thread, and the process exits by itself", async () => {
+  const [one, two] = [await child("1"), await child("2")];
+  assert.equal(one.code, 0, one.stderr);
+  assert.equal(two.code, 0, two.stderr);
+  const a = JSON.parse(one.stdout.trim().split("\n").pop()!);
+  const b = JSON.parse(two.stdout.trim().split("\n").pop()!);
+  assert.equal(a.backend, "wasm");
+  assert.equal(b.backend, "wasm");
+  assert.equal(a.threads, 1);
+  assert.equal(b.threads, 2);
+  // XNNPACK splits the work across threads, not the sums: equal up to rounding.
+  for (const key of ["conv", "mm"] as const) {
+    const x = a[key] as number[];
+    const y = b[key] as number[];
+    assert.equal(x.length, y.length);
+    let err = 0;
+    for (let i = 0; i < x.length; i++) {
+      err = Math.max(err, Math.abs(x[i] - y[i]) / (1 + Math.abs(x[i])));
+    }
+    assert.ok(err < 1e-5, `${key}: ${err}`);
+  }
+  // An independent check of the product: a[0] . a[1] by hand.
+  const rows = Array.from(
+    { length: 2 },
+    (_, r) => Array.from({ length: 80 }, (_, j) => Math.sin(3 * (r * 80 + j))),
+  );
+  const dot = rows[0].reduce((s, v, j) => s + v * rows[1][j], 0);
+  assert.ok(Math.abs(b.mm[1] - dot) < 1e-4, `${b.mm[1]} vs ${dot}`);
+});
+
+Deno.test("setWasmThreads rejects counts outside 1..8", () => {
+  for (const bad of [0, 9, 1.5, -2, NaN]) {
+    assert.throws(() => setWasmThreads(bad), RangeError);
+  }
+  setWasmThreads(null);
+});
+
+Deno.test("the default wasm backend of this process is single-threaded and computes", async () => {
+  await initBackend("wasm");
+  const y = tf.matMul(tf.tensor2d([[1, 2]]), tf.tensor2d([[3], [4]]));
+  assert.deepEqual([...(await y.data())], [11]);
+  y.dispose();
+  await initBackend("cpu");
+});
