@@ -8,8 +8,14 @@
  * `core/classifier.ts` was trained on the training part of this split and
  * its accuracy is measured on the held-out part.
  *
+ * {@linkcode spreadImages} turns a part into model-format images for
+ * `evaluateSamples`, taking images spread evenly over it so that a set
+ * sorted by class gives every class its share.
+ *
  * @module
  */
+import { tf } from "../core/backend.ts";
+import { ImageBatcher, type ResizeMode } from "./batches.ts";
 import type { ImageDataset } from "./dataset.ts";
 
 /** The two parts of {@linkcode holdoutSplit}. */
@@ -94,4 +100,56 @@ export function holdoutSplit(dataset: ImageDataset, every = 5): HoldoutSplit {
     train: subsetDataset(dataset, train, `${dataset.name}/train`),
     heldOut: subsetDataset(dataset, heldOut, `${dataset.name}/held-out`),
   };
+}
+
+/** Options of {@linkcode spreadImages}. */
+export interface SpreadImagesOptions {
+  /** Output height and width; 32 by default. */
+  imageSize?: number;
+  /** "bilinear" (default, as `ImageBatcher`) or "pad". */
+  resize?: ResizeMode;
+}
+
+/**
+ * `count` images spread evenly over a dataset (indices floor(i size / count)),
+ * as model input: NHWC float32 in [-1, 1], made exactly as `ImageBatcher` makes batches.
+ *
+ * @param dataset The images.
+ * @param count How many to take; all of them by default.
+ * @param options Output size and resize mode.
+ * @returns `[count, imageSize, imageSize, 1]`; the caller disposes it.
+ * @throws {RangeError} When `count` is not an integer in [1, dataset.count].
+ * @example
+ * ```ts
+ * import { initBackend, tf } from "../core/backend.ts";
+ * import { spreadImages } from "./holdout.ts";
+ * await initBackend("cpu");
+ * const d = { name: "toy", source: "memory", count: 10, height: 28, width: 28,
+ *   images: new Uint8Array(10 * 28 * 28), labels: new Int32Array(10) };
+ * const x = spreadImages(d, 4);
+ * console.log(x.shape); // [4, 32, 32, 1]
+ * x.dispose();
+ * ```
+ */
+export function spreadImages(
+  dataset: ImageDataset,
+  count: number = dataset.count,
+  options: SpreadImagesOptions = {},
+): tf.Tensor4D {
+  if (!Number.isInteger(count) || count < 1 || count > dataset.count) {
+    throw new RangeError(
+      `Cannot take images of ${dataset.name}: count out of range (got ${count}, expected an integer in [1, ${dataset.count}])`,
+    );
+  }
+  const size = options.imageSize ?? 32;
+  const batcher = new ImageBatcher(dataset, {
+    batchSize: 1,
+    imageSize: size,
+    resize: options.resize,
+  });
+  const indices = Uint32Array.from(
+    { length: count },
+    (_, i) => Math.floor(i * dataset.count / count),
+  );
+  return tf.tensor4d(batcher.pixels(indices), [count, size, size, 1]);
 }

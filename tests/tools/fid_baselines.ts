@@ -20,17 +20,8 @@ import { parseArgs } from "node:util";
 import { initBackend, tf } from "../../core/backend.ts";
 import { DigitClassifier } from "../../core/classifier.ts";
 import { evaluateSamples, type Evaluation } from "../../core/evaluate.ts";
-import { ImageBatcher } from "../../data/batches.ts";
-import type { ImageDataset } from "../../data/dataset.ts";
-import { holdoutSplit } from "../../data/holdout.ts";
+import { holdoutSplit, spreadImages } from "../../data/holdout.ts";
 import { loadMnistLite } from "../../data/mnist_lite.ts";
-
-/** All images of a dataset as a [count, 32, 32, 1] tensor in [-1, 1]. */
-export function datasetTensor(dataset: ImageDataset): tf.Tensor4D {
-  const idx = Array.from({ length: dataset.count }, (_, i) => i);
-  const pixels = new ImageBatcher(dataset, { batchSize: 1 }).pixels(idx);
-  return tf.tensor4d(pixels, [dataset.count, 32, 32, 1]);
-}
 
 /** Gaussian blur, NHWC one channel, zero padding outside, kernel 2 ceil(3 sigma) + 1. */
 export function gaussianBlur(x: tf.Tensor4D, sigma: number): tf.Tensor4D {
@@ -75,8 +66,8 @@ async function main(args: string[]): Promise<number> {
   const info = await initBackend(values.backend as "wasm" | "cpu" | "webgpu");
   console.log(`backend: ${info.backend}`);
   const { train, heldOut } = holdoutSplit(await loadMnistLite());
-  const real = datasetTensor(heldOut);
-  const trainImages = datasetTensor(train);
+  const real = spreadImages(heldOut);
+  const trainImages = spreadImages(train);
   const classifier = await DigitClassifier.load();
   const mean = tf.tidy(() =>
     gaussianBlur(tf.mean(trainImages, 0, true) as tf.Tensor4D, 1)

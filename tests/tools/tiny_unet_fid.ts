@@ -17,10 +17,9 @@ import { makeSchedule } from "../../core/schedule.ts";
 import { Trainer } from "../../core/train.ts";
 import { UNet } from "../../core/unet.ts";
 import { ImageBatcher } from "../../data/batches.ts";
-import { holdoutSplit } from "../../data/holdout.ts";
+import { holdoutSplit, spreadImages } from "../../data/holdout.ts";
 import { loadMnistLite } from "../../data/mnist_lite.ts";
 import { sampleDdim } from "../../samplers/ddim.ts";
-import { datasetTensor } from "./fid_baselines.ts";
 
 async function main(args: string[]): Promise<number> {
   const { values } = parseArgs({
@@ -84,8 +83,8 @@ async function main(args: string[]): Promise<number> {
   const ema = trainer.ema!.params;
   const model = (x: tf.Tensor4D, t: tf.Tensor1D) => unet.apply(ema, x, t);
   const classifier = await DigitClassifier.load();
-  const real = datasetTensor(heldOut);
-  const trainImages = datasetTensor(train);
+  const real = spreadImages(heldOut);
+  const trainImages = spreadImages(train);
   const n = Number(values.n);
   for (const numSteps of values.steps.split(",").map(Number)) {
     const t0 = performance.now();
