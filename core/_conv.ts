@@ -273,34 +273,76 @@ export function conv2d(
 ): tf.Tensor4D {
   const [kh, kw] = w.shape;
   checkGeometry("convolve", stride, pad, kh, kw);
-  const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
   const op = customOp(([xi, wi, bi], save) => {
     save([xi, wi]);
-    const x4 = xi as tf.Tensor4D;
-    const w4 = wi as tf.Tensor4D;
     return {
-      // The bias is added inside the convolution kernel where the backend
-      // fuses it (XNNPACK on wasm).
-      value: bi === undefined
-        ? tf.conv2d(x4, w4, stride, padding)
-        : tf.fused.conv2d({
-          x: x4,
-          filter: w4,
-          strides: stride,
-          pad: padding,
-          bias: bi,
-        }),
+      value: convForward(
+        xi as tf.Tensor4D,
+        wi as tf.Tensor4D,
+        stride,
+        pad,
+        bi,
+      ),
       gradFunc: (g, saved) => {
         const [xv, wv] = saved as tf.Tensor4D[];
-        const grads = [
-          adjoint(g, wv, xv.shape, stride, pad),
-          filterGrad(xv, g, kh, kw, stride, pad),
-        ];
-        return bi === undefined ? grads : [...grads, channelSum(g)];
+        return convBackward(xv, wv, g, stride, pad, bi !== undefined);
       },
     };
   });
   return bias === undefined ? op(x, w) : op(x, w, bias);
+}
+
+/**
+ * The value of {@linkcode conv2d} (unchecked, no gradient of its own): for
+ * ops that compute their gradients themselves. The bias is added inside
+ * the convolution kernel where the backend fuses it (XNNPACK on wasm).
+ *
+ * @param x Input `[N, H, W, Cin]`.
+ * @param w Kernel `[kh, kw, Cin, Cout]`.
+ * @param stride Stride along both spatial axes.
+ * @param pad PyTorch's `padding`.
+ * @param bias Optional `[Cout]`.
+ * @returns `[N, OH, OW, Cout]`.
+ */
+export function convForward(
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  stride: number,
+  pad: number,
+  bias?: tf.Tensor,
+): tf.Tensor4D {
+  const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
+  return bias === undefined
+    ? tf.conv2d(x, w, stride, padding)
+    : tf.fused.conv2d({ x, filter: w, strides: stride, pad: padding, bias });
+}
+
+/**
+ * The gradients of {@linkcode conv2d}: `[dx, dW]`, and the bias's if asked.
+ *
+ * @param x The convolution's input.
+ * @param w Its kernel `[kh, kw, Cin, Cout]`.
+ * @param dy The gradient of its output.
+ * @param stride Stride along both spatial axes.
+ * @param pad PyTorch's `padding`.
+ * @param withBias Whether to append the bias's gradient (channel sums of dy).
+ * @returns `[dx, dW]` or `[dx, dW, db]`.
+ */
+export function convBackward(
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  dy: tf.Tensor4D,
+  stride: number,
+  pad: number,
+  withBias: boolean,
+): tf.Tensor[] {
+  const [kh, kw] = w.shape;
+  const grads: tf.Tensor[] = [
+    adjoint(dy, w, x.shape, stride, pad),
+    filterGrad(x, dy, kh, kw, stride, pad),
+  ];
+  if (withBias) grads.push(channelSum(dy));
+  return grads;
 }
 
 /**

@@ -104,18 +104,126 @@ function groupMean(
   return tf.reshape(tf.tile(g, [1, 1, per]), [n, 1, 1, c]);
 }
 
+/** GroupNorm's per-(image, group) statistics, broadcast to the channels. */
+export interface NormStats {
+  /** Group means, `[N, 1, 1, C]`. */
+  mean: tf.Tensor4D;
+  /** 1 / sqrt(group variance + eps), `[N, 1, 1, C]`. */
+  r: tf.Tensor4D;
+}
+
+/**
+ * GroupNorm's statistics of x: the per-(image, group) mean and
+ * r = 1 / sqrt(v + eps) with v the biased variance (two passes).
+ *
+ * @param x `[N, H, W, C]`, C divisible by `groups`.
+ * @param groups Number of groups.
+ * @param eps Added to the variance.
+ * @returns Mean and r, broadcast to `[N, 1, 1, C]`.
+ */
+export function normStats(
+  x: tf.Tensor4D,
+  groups: number,
+  eps: number,
+): NormStats {
+  return tf.tidy(() => {
+    const [, h, w, c] = x.shape;
+    const count = h * w * (c / groups);
+    const mean = groupMean(spatialSum(x), groups, count);
+    const centred = tf.sub(x, mean) as tf.Tensor4D;
+    const variance = groupMean(spatialSum(tf.square(centred)), groups, count);
+    return { mean, r: tf.rsqrt(tf.add(variance, eps)) as tf.Tensor4D };
+  });
+}
+
+/**
+ * GroupNorm (and SiLU) of x from its statistics: y = gamma (x - mean) r + beta,
+ * and z = y sigmoid(y) when `act`, else y.
+ *
+ * @param x `[N, H, W, C]`.
+ * @param gamma Per-channel scale `[C]`.
+ * @param beta Per-channel shift `[C]`.
+ * @param stats From {@linkcode normStats}.
+ * @param act Whether SiLU follows.
+ * @returns z, `[N, H, W, C]`.
+ */
+export function normActApply(
+  x: tf.Tensor4D,
+  gamma: tf.Tensor,
+  beta: tf.Tensor,
+  stats: NormStats,
+  act: boolean,
+): tf.Tensor4D {
+  return tf.tidy(() => {
+    // (x - mean) (r gamma) + beta, with the per-channel factors folded first.
+    const y = tf.add(
+      tf.mul(tf.sub(x, stats.mean), tf.mul(stats.r, gamma)),
+      beta,
+    ) as tf.Tensor4D;
+    return act ? tf.mul(y, tf.sigmoid(y)) as tf.Tensor4D : y;
+  });
+}
+
+/**
+ * The gradients of {@linkcode normActApply} (with the statistics' own
+ * dependence on x) in closed form, means over each group:
+ * with xhat = (x - mean) r, y = gamma xhat + beta, s = sigmoid(y) and
+ * dy = dz s (1 + y (1 - s)) (or dz without SiLU):
+ * dbeta = sum dy, dgamma = sum dy xhat (over N, H, W),
+ * dx = r (gamma dy - mean(gamma dy) - xhat mean(gamma dy xhat)).
+ *
+ * @param x The input `[N, H, W, C]`.
+ * @param gamma Per-channel scale `[C]`.
+ * @param beta Per-channel shift `[C]`.
+ * @param stats From {@linkcode normStats}.
+ * @param dz The gradient of the output.
+ * @param groups Number of groups.
+ * @param act Whether SiLU follows.
+ * @returns `[dx, dgamma, dbeta]`.
+ */
+export function normActGrad(
+  x: tf.Tensor4D,
+  gamma: tf.Tensor,
+  beta: tf.Tensor,
+  stats: NormStats,
+  dz: tf.Tensor4D,
+  groups: number,
+  act: boolean,
+): [tf.Tensor4D, tf.Tensor1D, tf.Tensor1D] {
+  return tf.tidy(() => {
+    const [, h, w, c] = x.shape;
+    const count = h * w * (c / groups);
+    const { mean, r } = stats;
+    const xhat = tf.mul(tf.sub(x, mean), r) as tf.Tensor4D;
+    let dy = dz;
+    if (act) {
+      const y = tf.add(tf.mul(xhat, gamma), beta);
+      const s = tf.sigmoid(y);
+      dy = tf.mul(dz, tf.mul(s, tf.add(1, tf.mul(y, tf.sub(1, s)))));
+    }
+    const dyx = tf.mul(dy, xhat) as tf.Tensor4D;
+    // Per (image, channel) sums; gamma is constant over the image, so the
+    // sums of gamma dy and gamma dy xhat are gamma times these.
+    const sumDy = spatialSum(dy);
+    const sumDyx = spatialSum(dyx);
+    const dbeta = tf.reshape(tf.sum(sumDy, [0, 1, 2]), [c]) as tf.Tensor1D;
+    const dgamma = tf.reshape(tf.sum(sumDyx, [0, 1, 2]), [c]) as tf.Tensor1D;
+    const a = groupMean(tf.mul(sumDy, gamma), groups, count);
+    const b = groupMean(tf.mul(sumDyx, gamma), groups, count);
+    // dx = dy (r gamma) - xhat (r b) - r a
+    const dx = tf.sub(
+      tf.sub(tf.mul(dy, tf.mul(r, gamma)), tf.mul(xhat, tf.mul(r, b))),
+      tf.mul(r, a),
+    ) as tf.Tensor4D;
+    return [dx, dgamma, dbeta];
+  });
+}
+
 /**
  * GroupNorm, optionally followed by SiLU, as one op with its gradient in
  * closed form (tfjs's composite of means and broadcasts costs 2-3x more on
- * wasm, forward and backward).
- *
- * Forward: m, v the per-(image, group) mean and biased variance (two
- * passes), r = 1 / sqrt(v + eps), xhat = (x - m) r, y = gamma xhat + beta,
- * z = y sigmoid(y) (or z = y). Backward, with s = sigmoid(y) and
- * dy = dz s (1 + y (1 - s)) (or dz), means over each group:
- * dbeta = sum dy, dgamma = sum dy xhat (over N, H, W),
- * dx = r (gamma dy - mean(gamma dy) - xhat mean(gamma dy xhat)).
- * Only x and the (image, channel) statistics are kept for the backward.
+ * wasm, forward and backward). Only x and the statistics are kept for the
+ * backward.
  */
 function normAct(
   x: tf.Tensor4D,
@@ -125,44 +233,25 @@ function normAct(
   eps: number,
   act: boolean,
 ): tf.Tensor4D {
-  const [, h, w, c] = x.shape;
-  const count = h * w * (c / groups);
   const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
     const [xi, g, b] = args as tf.Tensor[];
     const save = args[3] as tf.GradSaveFunc;
     const x4 = xi as tf.Tensor4D;
-    const mean = groupMean(spatialSum(x4), groups, count);
-    const centred = tf.sub(x4, mean) as tf.Tensor4D;
-    const variance = groupMean(spatialSum(tf.square(centred)), groups, count);
-    const r = tf.rsqrt(tf.add(variance, eps));
-    const y = tf.add(tf.mul(centred, tf.mul(r, g)), b);
-    save([x4, g, b, mean, r]);
+    const stats = normStats(x4, groups, eps);
+    save([x4, g, b, stats.mean, stats.r]);
     return {
-      value: act ? tf.mul(y, tf.sigmoid(y)) : y,
+      value: normActApply(x4, g, b, stats, act),
       gradFunc: (dz: tf.Tensor, saved: tf.Tensor[]) => {
-        const [xs, gs, bs, ms, rs] = saved;
-        const xhat = tf.mul(tf.sub(xs, ms), rs) as tf.Tensor4D;
-        let dy = dz as tf.Tensor4D;
-        if (act) {
-          const yv = tf.add(tf.mul(xhat, gs), bs);
-          const s = tf.sigmoid(yv);
-          dy = tf.mul(dz, tf.mul(s, tf.add(1, tf.mul(yv, tf.sub(1, s)))));
-        }
-        const dyx = tf.mul(dy, xhat) as tf.Tensor4D;
-        // Per (image, channel) sums; gamma is constant over the image, so
-        // the sums of gamma dy and gamma dy xhat are gamma times these.
-        const sumDy = spatialSum(dy);
-        const sumDyx = spatialSum(dyx);
-        const dbeta = tf.reshape(tf.sum(sumDy, [0, 1, 2]), [c]);
-        const dgamma = tf.reshape(tf.sum(sumDyx, [0, 1, 2]), [c]);
-        const a = groupMean(tf.mul(sumDy, gs), groups, count);
-        const m2 = groupMean(tf.mul(sumDyx, gs), groups, count);
-        // dx = dy (r gamma) - xhat (r m2) - r a
-        const dx = tf.sub(
-          tf.sub(tf.mul(dy, tf.mul(rs, gs)), tf.mul(xhat, tf.mul(rs, m2))),
-          tf.mul(rs, a),
+        const [xs, gs, bs, mean, r] = saved;
+        return normActGrad(
+          xs as tf.Tensor4D,
+          gs,
+          bs,
+          { mean: mean as tf.Tensor4D, r: r as tf.Tensor4D },
+          dz as tf.Tensor4D,
+          groups,
+          act,
         );
-        return [dx, dgamma, dbeta];
       },
     };
   });

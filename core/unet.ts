@@ -23,13 +23,8 @@
  */
 import { tf } from "./backend.ts";
 import { conv2d, conv2dTranspose } from "./_conv.ts";
-import {
-  addPerImage,
-  groupNormSilu,
-  linear,
-  silu,
-  sinusoidalEmbedding,
-} from "./_layers.ts";
+import { linear, silu, sinusoidalEmbedding } from "./_layers.ts";
+import { normActConv, resBlock } from "./_resblock.ts";
 
 /** The UNet's hyper-parameters, as the reference's `UNet(in_ch, base, time_dim)`. */
 export interface UNetConfig {
@@ -279,24 +274,29 @@ function forward(
       get(`${name}.bias`),
     );
   };
-  // Every GroupNorm is followed by SiLU: one op with its own gradient.
-  const normAct = (name: string, h: tf.Tensor4D) =>
-    groupNormSilu(h, get(`${name}.weight`), get(`${name}.bias`), GROUPS);
+  const pair = (name: string): [tf.Tensor, tf.Tensor] => [
+    get(`${name}.weight`),
+    get(`${name}.bias`),
+  ];
+  const kernel = (name: string): [tf.Tensor4D, tf.Tensor] => [
+    get(`${name}.weight`) as tf.Tensor4D,
+    get(`${name}.bias`),
+  ];
 
   const emb = sinusoidalEmbedding(t, config.timeDim);
   const temb = dense("time.mlp.2", silu(dense("time.mlp.0", emb)));
   // Every ResBlock's time_proj sees SiLU(temb).
   const tact = silu(temb);
-  const block = (name: string, h: tf.Tensor4D) => {
-    let y = conv(`${name}.conv1`, normAct(`${name}.norm1`, h), 1, 1);
-    const proj = dense(`${name}.time_proj`, tact);
-    y = addPerImage(y, proj);
-    y = conv(`${name}.conv2`, normAct(`${name}.norm2`, y), 1, 1);
-    const skip = p.has(`${name}.skip.weight`)
-      ? conv(`${name}.skip`, h, 1, 0)
-      : h;
-    return tf.add(y, skip) as tf.Tensor4D;
-  };
+  // A ResBlock is one op with its own gradient (core/_resblock.ts), so
+  // that training keeps few of its activations alive.
+  const block = (name: string, h: tf.Tensor4D) =>
+    resBlock(h, dense(`${name}.time_proj`, tact), {
+      norm1: pair(`${name}.norm1`),
+      conv1: kernel(`${name}.conv1`),
+      norm2: pair(`${name}.norm2`),
+      conv2: kernel(`${name}.conv2`),
+      skip: p.has(`${name}.skip.weight`) ? kernel(`${name}.skip`) : undefined,
+    }, GROUPS);
 
   const h0 = conv("in_conv", x, 1, 1);
   const s1 = block("down1", h0);
@@ -304,7 +304,7 @@ function forward(
   let h = block("mid2", block("mid1", conv("ds2", s2, 2, 1)));
   h = block("up2", tf.concat([up("us2", h), s2], 3));
   h = block("up1", tf.concat([up("us1", h), s1], 3));
-  return conv("out_conv", normAct("out_norm", h), 1, 1);
+  return normActConv(h, pair("out_norm"), kernel("out_conv"), GROUPS);
 }
 
 /** Set by {@linkcode UNet.fromParams} while it constructs: the weights to adopt. */

@@ -9,6 +9,11 @@ import {
 } from "../core/_layers.ts";
 import { channelSum, spatialSum } from "../core/_reduce.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
+import {
+  normActConv,
+  resBlock,
+  type ResBlockParams,
+} from "../core/_resblock.ts";
 
 await initBackend("cpu");
 
@@ -279,6 +284,160 @@ for (const backend of ["cpu", "wasm"] as const) {
     }
     assert.equal(tf.memory().numTensors, before);
     tf.dispose([x, w, b, wt]);
+    await initBackend("cpu");
+  });
+}
+
+// ------------------------------------------------ the ResBlock as one op
+
+/** Test weights for a block Cin -> Cout, in TF layouts. */
+function blockParams(cin: number, cout: number, seed: number): ResBlockParams {
+  const t = (shape: number[], k: number, scale: number, offset = 0) =>
+    tf.tensor(
+      randoms(shape.reduce((a, b) => a * b, 1), seed + k).map((v) =>
+        offset + scale * v
+      ),
+      shape,
+    );
+  return {
+    norm1: [t([cin], 1, 0.3, 1), t([cin], 2, 0.2)],
+    conv1: [t([3, 3, cin, cout], 3, 0.3) as tf.Tensor4D, t([cout], 4, 0.1)],
+    norm2: [t([cout], 5, 0.3, 1), t([cout], 6, 0.2)],
+    conv2: [t([3, 3, cout, cout], 7, 0.3) as tf.Tensor4D, t([cout], 8, 0.1)],
+    skip: cin === cout
+      ? undefined
+      : [t([1, 1, cin, cout], 9, 0.3) as tf.Tensor4D, t([cout], 10, 0.1)],
+  };
+}
+
+/** The ResBlock composed from tfjs's own ops (autodiff gradients): the second implementation. */
+function compositeBlock(
+  x: tf.Tensor4D,
+  proj: tf.Tensor2D,
+  p: ResBlockParams,
+  groups: number,
+): tf.Tensor4D {
+  const conv = (h: tf.Tensor4D, [w, b]: [tf.Tensor4D, tf.Tensor]) =>
+    tf.add(tf.conv2d(h, w, 1, "same"), b) as tf.Tensor4D;
+  const norm = (h: tf.Tensor4D, [g, b]: [tf.Tensor, tf.Tensor]) =>
+    silu(compositeGroupNorm(h, g, b, groups));
+  const [n, , , c] = [...x.shape.slice(0, 3), proj.shape[1]];
+  let y = conv(norm(x, p.norm1), p.conv1);
+  y = tf.add(y, tf.reshape(proj, [n, 1, 1, c]));
+  y = conv(norm(y, p.norm2), p.conv2);
+  return tf.add(y, p.skip ? conv(x, p.skip) : x) as tf.Tensor4D;
+}
+
+function flatParams(p: ResBlockParams): tf.Tensor[] {
+  return [
+    ...p.norm1,
+    ...p.conv1,
+    ...p.norm2,
+    ...p.conv2,
+    ...(p.skip ?? []),
+  ];
+}
+
+function unflat(ts: tf.Tensor[], withSkip: boolean): ResBlockParams {
+  return {
+    norm1: [ts[0], ts[1]],
+    conv1: [ts[2] as tf.Tensor4D, ts[3]],
+    norm2: [ts[4], ts[5]],
+    conv2: [ts[6] as tf.Tensor4D, ts[7]],
+    skip: withSkip ? [ts[8] as tf.Tensor4D, ts[9]] : undefined,
+  };
+}
+
+/**
+ * Values and gradients of a block-shaped function on the current backend,
+ * from host data (tensors built and freed here).
+ */
+function blockRun(
+  f: (x: tf.Tensor4D, proj: tf.Tensor2D, p: ResBlockParams) => tf.Tensor4D,
+  [cin, cout]: number[],
+  head: boolean,
+): Float32Array[] {
+  const [n, h] = [2, 6];
+  return tf.tidy(() => {
+    const x = tf.tensor4d(
+      randoms(n * h * h * cin, 20).map((v) => 2 * v + 0.3),
+      [n, h, h, cin],
+    );
+    const proj = tf.tensor2d(randoms(n * cout, 21), [n, cout]);
+    const p = blockParams(cin, cout, 30);
+    const dz = tf.tensor4d(randoms(n * h * h * cout, 22), [n, h, h, cout]);
+    const withSkip = p.skip !== undefined;
+    if (head) {
+      // conv(silu(norm(x))) with norm1 and conv1's weights.
+      const args = [x, p.norm1[0], p.norm1[1], p.conv1[0], p.conv1[1]];
+      const g = (a: tf.Tensor[]) =>
+        f(a[0] as tf.Tensor4D, proj, {
+          ...p,
+          norm1: [a[1], a[2]],
+          conv1: [a[3] as tf.Tensor4D, a[4]],
+        });
+      const grads = tf.grads((...a: tf.Tensor[]) => g(a))(args, dz);
+      return [g(args), ...grads].map((t) => t.dataSync() as Float32Array);
+    }
+    const grads = tf.grads((...a: tf.Tensor[]) =>
+      f(
+        a[0] as tf.Tensor4D,
+        a[1] as tf.Tensor2D,
+        unflat(a.slice(2), withSkip),
+      )
+    )([x, proj, ...flatParams(p)], dz);
+    return [f(x, proj, p), ...grads].map((t) => t.dataSync() as Float32Array);
+  });
+}
+
+for (const backend of ["cpu", "wasm"] as const) {
+  Deno.test(`resBlock and normActConv: values and every gradient equal tfjs's composite on cpu (${backend})`, async () => {
+    const cases: [
+      string,
+      boolean,
+      (x: tf.Tensor4D, proj: tf.Tensor2D, p: ResBlockParams) => tf.Tensor4D,
+      (x: tf.Tensor4D, proj: tf.Tensor2D, p: ResBlockParams) => tf.Tensor4D,
+    ][] = [
+      [
+        "resBlock",
+        false,
+        (x, proj, p) => resBlock(x, proj, p, 4),
+        (x, proj, p) => compositeBlock(x, proj, p, 4),
+      ],
+      [
+        "normActConv",
+        true,
+        (x, _proj, p) => normActConv(x, p.norm1, p.conv1, 4),
+        (x, _proj, p) =>
+          tf.add(
+            tf.conv2d(
+              silu(compositeGroupNorm(x, p.norm1[0], p.norm1[1], 4)),
+              p.conv1[0],
+              1,
+              "same",
+            ),
+            p.conv1[1],
+          ) as tf.Tensor4D,
+      ],
+    ];
+    for (const channels of [[8, 16], [16, 16]]) {
+      for (const [what, head, fused, composite] of cases) {
+        await initBackend("cpu");
+        const want = blockRun(composite, channels, head);
+        await initBackend(backend);
+        const before = tf.memory().numTensors;
+        const got = blockRun(fused, channels, head);
+        assert.equal(tf.memory().numTensors, before);
+        assert.equal(got.length, want.length);
+        got.forEach((g, i) => {
+          const err = maxRel(g, want[i]);
+          assert.ok(
+            err < 5e-5,
+            `${backend} ${what} ${channels} output ${i}: ${err}`,
+          );
+        });
+      }
+    }
     await initBackend("cpu");
   });
 }
