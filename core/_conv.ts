@@ -179,8 +179,16 @@ function adjoint(
         const left = tx.count - 1 - tx.m;
         const bottom = qh - h - top + ty.count - 1;
         const right = qw - wd - left + tx.count - 1;
+        // Padding inside the convolution kernel where it can be (no copy).
         cols.push(
-          tf.conv2d(padOrCrop(dy, top, bottom, left, right), sub, 1, "valid"),
+          Math.min(top, bottom, left, right) >= 0
+            ? tf.conv2d(dy, sub, 1, spatialPadding(top, bottom, left, right))
+            : tf.conv2d(
+              padOrCrop(dy, top, bottom, left, right),
+              sub,
+              1,
+              "valid",
+            ),
         );
       }
       rows.push(stride === 1 ? cols[0] : tf.stack(cols, 3) as tf.Tensor4D);
@@ -222,21 +230,27 @@ function filterGrad(
     // stride-1 convolution with the dilated oh x ow filter needs.
     const needH = kh + (oh - 1) * stride;
     const needW = kw + (ow - 1) * stride;
-    let x: tf.Tensor4D = input;
     const bottom = needH - h - pad;
     const right = needW - w - pad;
-    if (pad > 0 || bottom > 0 || right > 0) {
-      x = tf.pad(
-        x,
-        spatialPadding(pad, Math.max(bottom, 0), pad, Math.max(right, 0)),
-      );
-    }
-    if (bottom < 0 || right < 0) {
-      x = tf.slice(x, [0, 0, 0, 0], [n, needH, needW, c]);
-    }
-    const image = tf.transpose(x, [3, 1, 2, 0]) as tf.Tensor4D;
     const filter = tf.transpose(dy, [1, 2, 0, 3]) as tf.Tensor4D;
-    const out = tf.conv2d(image, filter, 1, "valid", "NHWC", stride);
+    let out: tf.Tensor4D;
+    if (bottom >= 0 && right >= 0) {
+      // Zero padding inside the convolution kernel (no padded copy).
+      const image = tf.transpose(input, [3, 1, 2, 0]) as tf.Tensor4D;
+      const padding = spatialPadding(pad, bottom, pad, right);
+      out = tf.conv2d(image, filter, 1, padding, "NHWC", stride);
+    } else {
+      let x: tf.Tensor4D = input;
+      if (pad > 0 || bottom > 0 || right > 0) {
+        x = tf.pad(
+          x,
+          spatialPadding(pad, Math.max(bottom, 0), pad, Math.max(right, 0)),
+        );
+      }
+      x = tf.slice(x, [0, 0, 0, 0], [n, needH, needW, c]);
+      const image = tf.transpose(x, [3, 1, 2, 0]) as tf.Tensor4D;
+      out = tf.conv2d(image, filter, 1, "valid", "NHWC", stride);
+    }
     return tf.transpose(out, [1, 2, 0, 3]) as tf.Tensor4D;
   });
 }

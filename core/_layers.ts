@@ -324,36 +324,3 @@ export function groupNormSilu(
 ): tf.Tensor4D {
   return normAct(x, gamma, beta, groups, eps, true);
 }
-
-/**
- * Add a per-(image, channel) vector to every pixel, `y + v[:, None, None, :]`
- * (the ResBlock's time projection), with `v`'s gradient as spatial sums.
- *
- * @param y `[N, H, W, C]`.
- * @param v `[N, C]`.
- * @returns `[N, H, W, C]`.
- * @example
- * ```ts
- * import { initBackend, tf } from "./backend.ts";
- * import { addPerImage } from "./_layers.ts";
- * await initBackend("cpu");
- * const y = tf.zeros([1, 1, 2, 2]) as tf.Tensor4D;
- * const v = tf.tensor2d([[1, 2]]);
- * console.log(addPerImage(y, v).dataSync()); // [1, 2, 1, 2]
- * tf.dispose([y, v]);
- * ```
- */
-export function addPerImage(y: tf.Tensor4D, v: tf.Tensor2D): tf.Tensor4D {
-  const [n, , , c] = y.shape;
-  const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
-    const [yi, vi] = args as tf.Tensor[];
-    return {
-      value: tf.add(yi, tf.reshape(vi, [n, 1, 1, c])),
-      gradFunc: (dy: tf.Tensor) => [
-        dy,
-        tf.reshape(spatialSum(dy as tf.Tensor4D), [n, c]),
-      ],
-    };
-  });
-  return op(y, v) as tf.Tensor4D;
-}

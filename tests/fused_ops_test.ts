@@ -1,12 +1,7 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import "../core/_gradients.ts";
-import {
-  addPerImage,
-  groupNorm,
-  groupNormSilu,
-  silu,
-} from "../core/_layers.ts";
+import { groupNorm, groupNormSilu, silu } from "../core/_layers.ts";
 import { channelSum, spatialSum } from "../core/_reduce.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
 import {
@@ -186,31 +181,6 @@ Deno.test("spatialSum and channelSum add over the outer axes, by hand", () => {
     maxRel(t.dataSync(), [0, 1, 2].map((e) => want[e] + want[c + e])) < 1e-6,
   );
   tf.dispose([x, s, t]);
-});
-
-Deno.test("addPerImage adds v to every pixel; v's gradient is the spatial sum of dy", () => {
-  const y = tf.tensor4d(randoms(2 * 2 * 3 * 2, 5), [2, 2, 3, 2]);
-  const v = tf.tensor2d([[1, 2], [3, 4]]);
-  const dy = tf.tensor4d(randoms(2 * 2 * 3 * 2, 6), [2, 2, 3, 2]);
-  const got = addPerImage(y, v).dataSync();
-  const ys = y.dataSync();
-  for (let i = 0; i < ys.length; i++) {
-    const img = Math.floor(i / 12);
-    assert.ok(
-      Math.abs(got[i] - (ys[i] + [1, 2, 3, 4][img * 2 + (i % 2)])) < 1e-6,
-    );
-  }
-  const [gy, gv] = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
-    addPerImage(a as tf.Tensor4D, b as tf.Tensor2D)
-  )([y, v], dy);
-  assert.deepEqual([...gy.dataSync()], [...dy.dataSync()]);
-  const d = dy.dataSync();
-  const want = [0, 0, 0, 0];
-  for (let i = 0; i < d.length; i++) {
-    want[Math.floor(i / 12) * 2 + (i % 2)] += d[i];
-  }
-  assert.ok(maxRel(gv.dataSync(), want) < 1e-6);
-  tf.dispose([y, v, dy, gy, gv]);
 });
 
 for (const backend of ["cpu", "wasm"] as const) {
