@@ -3,15 +3,24 @@
  * then score DDIM samples of its EMA weights with the Fréchet distance
  * against the 2,000 held-out digits (the floor beside it: N training digits).
  *
- *     deno run -A tests/tools/tiny_unet_fid.ts [--seconds 300] [--base 16] [--n 1000] [--steps 20,50]
+ *     deno run -A tests/tools/tiny_unet_fid.ts [--seconds 300 | --train-steps K]
+ *         [--base 16] [--batch 32] [--lr 1e-3] [--n 1000] [--steps 20,50]
+ *         [--save ckpt.safetensors | --load ckpt.safetensors] [--grid prefix]
  *
- * Prints the loss as it goes, then one line per DDIM step count.
+ * Training stops after --seconds of wall time, or after exactly
+ * --train-steps steps when given (reproducible). Prints the loss as it
+ * goes, then one line per DDIM step count. `--save` writes the trained
+ * model (live and EMA weights) as a checkpoint;
+ * `--load` skips training and scores a checkpoint's EMA weights; `--grid`
+ * writes the first 64 samples of each run to `<prefix>_ddim<steps>.png`.
  *
  * @module
  */
 import { parseArgs } from "node:util";
 import { initBackend, tf } from "../../core/backend.ts";
+import { loadUNet, saveCheckpoint } from "../../core/checkpoint.ts";
 import { DigitClassifier } from "../../core/classifier.ts";
+import { imagesToGrid, writePng } from "../../core/image.ts";
 import { evaluateSamples } from "../../core/evaluate.ts";
 import { makeSchedule } from "../../core/schedule.ts";
 import { Trainer } from "../../core/train.ts";
@@ -26,6 +35,7 @@ async function main(args: string[]): Promise<number> {
     args,
     options: {
       seconds: { type: "string", default: "300" },
+      "train-steps": { type: "string" },
       base: { type: "string", default: "16" },
       batch: { type: "string", default: "32" },
       lr: { type: "string", default: "1e-3" },
@@ -34,6 +44,8 @@ async function main(args: string[]): Promise<number> {
       seed: { type: "string", default: "0" },
       backend: { type: "string", default: "wasm" },
       save: { type: "string" },
+      load: { type: "string" },
+      grid: { type: "string" },
     },
   });
   const info = await initBackend(values.backend as "wasm" | "cpu" | "webgpu");
@@ -43,45 +55,76 @@ async function main(args: string[]): Promise<number> {
   );
   const { train, heldOut } = holdoutSplit(await loadMnistLite());
   const schedule = makeSchedule();
-  const unet = new UNet({ base: Number(values.base), seed });
-  const trainer = new Trainer(unet, schedule, {
-    seed,
-    optimizer: { lr: Number(values.lr) },
-    ema: { decay: 0.999, mode: "warmup", power: 3 / 4 },
-  });
-  const batcher = new ImageBatcher(train, {
-    batchSize: Number(values.batch),
-    seed,
-  });
-  const started = performance.now();
-  const budget = Number(values.seconds) * 1000;
-  let recent = 0;
-  let count = 0;
-  outer: for (let epoch = 0;; epoch++) {
-    for (const batch of batcher.epoch(epoch)) {
-      const r = await trainer.trainStep(batch.images);
-      batch.dispose();
-      recent += r.loss;
-      count++;
-      if (r.step % 25 === 0) {
-        console.log(
-          `step ${r.step} epoch ${epoch} loss ${(recent / count).toFixed(4)} (${
-            ((performance.now() - started) / 1000).toFixed(0)
-          } s)`,
-        );
-        recent = 0;
-        count = 0;
+  let model: (x: tf.Tensor4D, t: tf.Tensor1D) => tf.Tensor4D;
+  let release: () => void;
+  if (values.load !== undefined) {
+    const unet = await loadUNet(values.load);
+    console.log(`loaded ${values.load}: base ${unet.config.base}`);
+    model = (x, t) => unet.predict(x, t);
+    release = () => unet.dispose();
+  } else {
+    const unet = new UNet({ base: Number(values.base), seed });
+    const trainer = new Trainer(unet, schedule, {
+      seed,
+      optimizer: { lr: Number(values.lr) },
+      ema: { decay: 0.999, mode: "warmup", power: 3 / 4 },
+    });
+    const batcher = new ImageBatcher(train, {
+      batchSize: Number(values.batch),
+      seed,
+    });
+    const started = performance.now();
+    const budget = Number(values.seconds) * 1000;
+    const maxSteps = values["train-steps"] === undefined
+      ? undefined
+      : Number(values["train-steps"]);
+    let recent = 0;
+    let count = 0;
+    outer: for (let epoch = 0;; epoch++) {
+      for (const batch of batcher.epoch(epoch)) {
+        const r = await trainer.trainStep(batch.images);
+        batch.dispose();
+        recent += r.loss;
+        count++;
+        if (r.step % 25 === 0) {
+          console.log(
+            `step ${r.step} epoch ${epoch} loss ${
+              (recent / count).toFixed(4)
+            } (${((performance.now() - started) / 1000).toFixed(0)} s)`,
+          );
+          recent = 0;
+          count = 0;
+        }
+        if (
+          maxSteps !== undefined
+            ? r.step >= maxSteps
+            : performance.now() - started > budget
+        ) {
+          break outer;
+        }
       }
-      if (performance.now() - started > budget) break outer;
     }
+    console.log(
+      `trained ${trainer.step} steps in ${
+        ((performance.now() - started) / 1000).toFixed(0)
+      } s`,
+    );
+    const ema = trainer.ema!.params;
+    if (values.save !== undefined) {
+      await saveCheckpoint(values.save, {
+        config: unet.config,
+        params: unet.params,
+        ema,
+        step: trainer.step,
+      });
+      console.log(`saved ${values.save}`);
+    }
+    model = (x, t) => unet.apply(ema, x, t);
+    release = () => {
+      trainer.dispose();
+      unet.dispose();
+    };
   }
-  console.log(
-    `trained ${trainer.step} steps in ${
-      ((performance.now() - started) / 1000).toFixed(0)
-    } s`,
-  );
-  const ema = trainer.ema!.params;
-  const model = (x: tf.Tensor4D, t: tf.Tensor1D) => unet.apply(ema, x, t);
   const classifier = await DigitClassifier.load();
   const real = spreadImages(heldOut);
   const trainImages = spreadImages(train);
@@ -103,6 +146,13 @@ async function main(args: string[]): Promise<number> {
     const samples = tf.concat(parts) as tf.Tensor4D;
     tf.dispose(parts);
     const seconds = (performance.now() - t0) / 1000;
+    if (values.grid !== undefined) {
+      const first = tf.slice(samples, 0, Math.min(64, n));
+      const path = `${values.grid}_ddim${numSteps}.png`;
+      await writePng(path, await imagesToGrid(first));
+      first.dispose();
+      console.log(`wrote ${path}`);
+    }
     const r = await evaluateSamples(samples, real, {
       classifier,
       floorImages: trainImages,
@@ -120,8 +170,7 @@ async function main(args: string[]): Promise<number> {
   }
   tf.dispose([real, trainImages]);
   classifier.dispose();
-  trainer.dispose();
-  unet.dispose();
+  release();
   schedule.dispose();
   return 0;
 }
