@@ -11,6 +11,7 @@
  *
  * @module
  */
+import { Worker as NodeWorker } from "node:worker_threads";
 import { tf } from "./backend.ts";
 import type { UNetConfig } from "./unet.ts";
 
@@ -85,15 +86,21 @@ interface Pending {
 /**
  * Workers, each a UNet replica that computes a shard's loss and gradients.
  * Start with the constructor; free with {@linkcode GradientPool.dispose}.
+ *
+ * They are `node:worker_threads` workers, which Deno lets a process
+ * unref: a worker holds the process open only while it starts or computes
+ * a shard, so a trainer that is never disposed does not keep a finished
+ * program from exiting.
  */
 export class GradientPool {
   /** Number of workers. */
   readonly size: number;
   /** Parameter keys, in the order weights and gradients travel. */
   readonly keys: readonly string[];
-  #workers: Worker[] = [];
+  #workers: NodeWorker[] = [];
+  #busy: number[] = [];
   #ready: Promise<void>;
-  #pending = new Map<number, Pending>();
+  #pending = new Map<number, Pending & { worker: number }>();
   #nextId = 1;
   #failure: Error | null = null;
   #disposed = false;
@@ -116,35 +123,52 @@ export class GradientPool {
     this.keys = keys;
     const readies: Promise<void>[] = [];
     for (let i = 0; i < size; i++) {
-      const worker = new Worker(
+      const worker = new NodeWorker(
         new URL("./_parallel_worker.ts", import.meta.url),
-        { type: "module" },
       );
+      this.#workers.push(worker);
+      this.#busy.push(0);
+      // Held open while it starts.
+      this.#hold(i);
       readies.push(
         new Promise<void>((resolve, reject) => {
-          worker.onmessage = (e: MessageEvent) => {
-            const m = e.data;
-            if (m.kind === "ready") resolve();
-            else if (m.kind === "error" && m.id === -1) {
-              reject(new Error(m.message));
+          worker.on("message", (m) => {
+            if (m.kind === "ready") {
+              this.#release(i);
+              resolve();
+            } else if (m.kind === "error" && m.id === -1) {
+              this.#release(i);
+              reject(new Error(`Cannot train in parallel: ${m.message}`));
             } else this.#receive(m);
-          };
-          worker.onerror = (e: ErrorEvent) => {
-            e.preventDefault();
+          });
+          const failed = (why: string) => {
             const err = new Error(
-              `Cannot train in parallel: a worker failed (${e.message})`,
+              `Cannot train in parallel: a worker failed (${why})`,
             );
             this.#fail(err);
             reject(err);
           };
+          worker.on("error", (e: Error) => failed(e.message));
+          worker.on("exit", (code: number) => {
+            if (!this.#disposed) failed(`it exited with code ${code}`);
+          });
         }),
       );
       worker.postMessage({ kind: "init", config, backend, keys, threads: 1 });
-      this.#workers.push(worker);
     }
     this.#ready = Promise.all(readies).then(() => {});
     // A failure before anyone awaits is reported by the next run().
     this.#ready.catch(() => {});
+  }
+
+  /** Keep the process alive for worker i (it is starting or computing). */
+  #hold(i: number): void {
+    if (this.#busy[i]++ === 0) this.#workers[i].ref();
+  }
+
+  /** Worker i is done with one task; unref it when it has none left. */
+  #release(i: number): void {
+    if (this.#busy[i] > 0 && --this.#busy[i] === 0) this.#workers[i].unref();
   }
 
   #receive(
@@ -153,13 +177,17 @@ export class GradientPool {
     const p = this.#pending.get(m.id);
     if (p === undefined) return;
     this.#pending.delete(m.id);
+    this.#release(p.worker);
     if (m.kind === "grads") p.resolve({ loss: m.loss!, grads: m.grads! });
     else p.reject(new Error(`Cannot train in parallel: ${m.message}`));
   }
 
   #fail(err: Error): void {
     this.#failure ??= err;
-    for (const p of this.#pending.values()) p.reject(err);
+    for (const p of this.#pending.values()) {
+      this.#release(p.worker);
+      p.reject(err);
+    }
     this.#pending.clear();
   }
 
@@ -188,7 +216,8 @@ export class GradientPool {
     if (this.#failure !== null) return Promise.reject(this.#failure);
     const id = this.#nextId++;
     return new Promise<ShardResult>((resolve, reject) => {
-      this.#pending.set(id, { resolve, reject });
+      this.#pending.set(id, { resolve, reject, worker: i });
+      this.#hold(i);
       this.#workers[i].postMessage({ kind: "step", id, ...input });
     });
   }

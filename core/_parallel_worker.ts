@@ -3,13 +3,14 @@
  * UNet replica that, given the current weights and a shard of the batch,
  * returns the shard's share of the loss and its gradients.
  *
- * Messages in: `{ kind: "init", config, backend, keys, threads }`, then
+ * A `node:worker_threads` worker. Messages in: `{ kind: "init", config, backend, keys, threads }`, then
  * `{ kind: "step", id, weights?, xt, t, eps, shape, total }`. Out:
  * `{ kind: "ready" }`, `{ kind: "grads", id, loss, grads }` or
  * `{ kind: "error", id, message }`.
  *
  * @module
  */
+import { parentPort } from "node:worker_threads";
 import { setWasmThreads } from "./wasm_threads.ts";
 import { initBackend, tf } from "./backend.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
@@ -37,14 +38,10 @@ interface StepMessage {
 let unet: UNet | null = null;
 let keys: string[] = [];
 
-/** This worker's global scope, as a worker sees it. */
-const scope = self as unknown as {
-  postMessage(message: unknown, transfer: Transferable[]): void;
-  onmessage: ((e: MessageEvent) => void) | null;
-};
+const port = parentPort!;
 
-function post(message: unknown, transfer: Transferable[] = []): void {
-  scope.postMessage(message, transfer);
+function post(message: unknown, transfer: ArrayBuffer[] = []): void {
+  port.postMessage(message, transfer);
 }
 
 async function init(m: InitMessage): Promise<void> {
@@ -90,8 +87,8 @@ async function step(m: StepMessage): Promise<void> {
 }
 
 let queue = Promise.resolve();
-scope.onmessage = (e: MessageEvent) => {
-  const m = e.data as InitMessage | StepMessage;
+port.on("message", (data: unknown) => {
+  const m = data as InitMessage | StepMessage;
   queue = queue.then(async () => {
     try {
       if (m.kind === "init") await init(m);
@@ -104,4 +101,4 @@ scope.onmessage = (e: MessageEvent) => {
       });
     }
   });
-};
+});

@@ -62,7 +62,8 @@ export interface TrainerOptions {
    * the wasm or cpu backend), and sums their gradients before clipping and
    * the one AdamW update: the same step up to float summation order.
    * "auto" takes `navigator.hardwareConcurrency` (at most 8) on wasm or
-   * cpu and 1 on WebGPU. Free the workers with {@linkcode Trainer.dispose}.
+   * cpu and 1 on WebGPU. Free the workers with {@linkcode Trainer.dispose};
+   * an idle worker does not keep the process alive.
    */
   workers?: number | "auto";
 }
