@@ -50,7 +50,7 @@ export interface ClassifierOutput {
 }
 
 /** Options of {@linkcode classifierForward}. */
-export interface ForwardOptions {
+export interface ClassifierForwardOptions {
   /** Dropout rate on the features, for training; 0 (none) by default. */
   dropout?: number;
   /** Seed of the dropout mask. */
@@ -180,7 +180,7 @@ function checkImages(what: string, x: tf.Tensor): void {
 export function classifierForward(
   params: ReadonlyMap<string, tf.Tensor>,
   x: tf.Tensor4D,
-  options: ForwardOptions = {},
+  options: ClassifierForwardOptions = {},
 ): ClassifierOutput {
   checkImages("classify images", x);
   checkParams("classify images", params);
