@@ -91,7 +91,7 @@ function spread(count: number, k: number): Int32Array {
  * import { initBackend, tf } from "./backend.ts";
  * import { evaluateSamples } from "./evaluate.ts";
  * await initBackend("cpu");
- * // Stand-ins: real data would come from ImageBatcher.pixels, samples from a sampler.
+ * // Stand-ins: real digits come from spreadImages (data/holdout.ts), samples from a sampler.
  * const real = tf.randomUniform([8, 32, 32, 1], -1, 1, "float32", 1) as tf.Tensor4D;
  * const samples = tf.randomUniform([4, 32, 32, 1], -1, 1, "float32", 2) as tf.Tensor4D;
  * const r = await evaluateSamples(samples, real);
