@@ -38,10 +38,8 @@ interface StepMessage {
 let unet: UNet | null = null;
 let keys: string[] = [];
 
-const port = parentPort!;
-
 function post(message: unknown, transfer: ArrayBuffer[] = []): void {
-  port.postMessage(message, transfer);
+  parentPort!.postMessage(message, transfer);
 }
 
 async function init(m: InitMessage): Promise<void> {
@@ -87,7 +85,8 @@ async function step(m: StepMessage): Promise<void> {
 }
 
 let queue = Promise.resolve();
-port.on("message", (data: unknown) => {
+// Inert when imported outside a worker (a doc-test run imports every module).
+parentPort?.on("message", (data: unknown) => {
   const m = data as InitMessage | StepMessage;
   queue = queue.then(async () => {
     try {

@@ -66,6 +66,6 @@ async function handle(data) {
 }
 
 let queue = Promise.resolve();
-parentPort.on("message", (data) => {
+parentPort?.on("message", (data) => {
   queue = queue.then(() => handle(data));
 });
