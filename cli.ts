@@ -99,6 +99,7 @@ OPTIONS
   --steps N               train until N steps in total (also on --resume)
   --epochs N              train until N epochs in total (N x batches per epoch steps)
   --time-limit MIN        stop each session after MIN minutes of training (0: none)
+  --workers N|auto        gradient threads per step on wasm/cpu (default auto: one per core)
   --batch-size N          images per step
   --lr X                  AdamW learning rate
   --base N                UNet width (channels of the first level)
@@ -526,6 +527,7 @@ const TRAIN_OPTIONS: Record<string, OptionDef> = {
   steps: { type: "string" },
   epochs: { type: "string" },
   "time-limit": { type: "string" },
+  workers: { type: "string" },
   "batch-size": { type: "string" },
   lr: { type: "string" },
   base: { type: "string" },
@@ -601,6 +603,19 @@ function checkResumeFlags(
   }
 }
 
+/** --workers: "auto" (the default) or an integer in [1, 8]. */
+function workersOpt(values: Record<string, unknown>): number | "auto" {
+  const raw = str(values, "workers");
+  if (raw === undefined || raw === "auto") return "auto";
+  const n = Number(raw);
+  if (raw.trim() === "" || !Number.isInteger(n) || n < 1 || n > 8) {
+    throw new UsageError(
+      `--workers out of range (got "${raw}", expected auto or an integer in [1, 8])`,
+    );
+  }
+  return n;
+}
+
 async function train(args: string[]): Promise<number> {
   const values = parse("train", args, TRAIN_OPTIONS);
   if (values.help) {
@@ -669,6 +684,7 @@ async function train(args: string[]): Promise<number> {
   }
   await checkWritableDir(out, "output folder");
 
+  const workers = workersOpt(values);
   const backend = await startBackend(values);
   const overrides = {
     checkpointEvery,
@@ -678,7 +694,7 @@ async function train(args: string[]): Promise<number> {
   let run: TrainingRun;
   let batcher: ImageBatcher;
   if (resume) {
-    run = await TrainingRun.resume(out, { ...overrides, steps });
+    run = await TrainingRun.resume(out, { ...overrides, steps, workers });
     try {
       checkResumeFlags(flags, run.setup);
       const data = run.setup.data as unknown as DataDescription;
@@ -751,6 +767,7 @@ async function train(args: string[]): Promise<number> {
     };
     run = await TrainingRun.create(out, setup, {
       overwrite: values.force === true,
+      workers,
     });
     say(
       `training "${out}": ${

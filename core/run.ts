@@ -104,12 +104,19 @@ export type RunSetupInput =
 export interface CreateRunOptions {
   /** Replace a checkpoint already in the folder; false by default (refused). */
   overwrite?: boolean;
+  /** Gradient threads per step (see `TrainerOptions.workers`); 1 by default. Not recorded: results agree to float rounding whatever the count. */
+  workers?: number | "auto";
 }
 
 /** Settings a resumed session may change; the rest come from the checkpoint. */
-export type RunOverrides = Partial<
-  Pick<RunSetup, "steps" | "checkpointEvery" | "sampleEvery" | "timeLimitSec">
->;
+export type RunOverrides =
+  & Partial<
+    Pick<RunSetup, "steps" | "checkpointEvery" | "sampleEvery" | "timeLimitSec">
+  >
+  & {
+    /** Gradient threads per step (see `TrainerOptions.workers`); 1 by default. */
+    workers?: number | "auto";
+  };
 
 /** One step's numbers, as written to `metrics.jsonl`. */
 export interface StepMetrics {
@@ -450,6 +457,7 @@ export class TrainingRun {
         maxGradNorm: full.maxGradNorm,
         optimizer: full.optimizer,
         ema: full.ema === null ? false : full.ema,
+        workers: options.workers,
       });
       await writeFileAtomic(
         join(outDir, RUN_FILES.metrics),
@@ -504,14 +512,15 @@ export class TrainingRun {
     outDir: string,
     overrides: RunOverrides = {},
   ): Promise<TrainingRun> {
-    checkPlan("resume training run", overrides);
+    const { workers, ...plan } = overrides;
+    checkPlan("resume training run", plan);
     const file = join(outDir, RUN_FILES.checkpoint);
     const ckpt = await loadCheckpoint(file);
     let schedule: Schedule | null = null;
     let unet: UNet | null = null;
     try {
       const { state, setup, elapsedSec } = stateFromCheckpoint(ckpt, file);
-      for (const [k, v] of Object.entries(overrides)) {
+      for (const [k, v] of Object.entries(plan)) {
         if (v !== undefined) {
           (setup as unknown as Record<string, unknown>)[k] = v;
         }
@@ -519,7 +528,7 @@ export class TrainingRun {
       checkPlan(`resume training from "${file}"`, setup);
       schedule = makeSchedule(setup.schedule);
       unet = new UNet(setup.model);
-      const trainer = Trainer.fromState(unet, schedule, state);
+      const trainer = Trainer.fromState(unet, schedule, state, { workers });
       const losses = await trimMetrics(
         join(outDir, RUN_FILES.metrics),
         state.step,

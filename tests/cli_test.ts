@@ -326,6 +326,11 @@ Deno.test("each user mistake gets one line and exit code 2 (usage) or 1 (failure
     [["train", "--bogus"], 2, /unknown option --bogus/],
     [["train", "--batch-size", "0"], 2, /--batch-size out of range \(got "0"/],
     [["train", "--lr", "abc"], 2, /--lr out of range/],
+    [
+      ["train", "--workers", "0"],
+      2,
+      /--workers out of range \(got "0", expected auto or an integer in \[1, 8\]\)/,
+    ],
     [["train", "--schedule", "cubic"], 2, /unknown --schedule \(got "cubic"/],
     [["train", "--steps"], 2, /--steps needs a value/],
     [["train", "extra"], 2, /unexpected argument "extra"/],
