@@ -32,6 +32,7 @@ export {
   initBackend,
   tf,
 } from "./core/backend.ts";
+export { setWasmThreads, wasmThreads } from "./core/wasm_threads.ts";
 export {
   extract,
   makeSchedule,
