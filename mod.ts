@@ -116,6 +116,33 @@ export {
   type TrainOptions,
   type TrainResult,
 } from "./core/run.ts";
+export {
+  type FeatureMoments,
+  featureMoments,
+  frechetDistance,
+} from "./core/frechet.ts";
+export {
+  CLASSIFIER_CLASSES,
+  CLASSIFIER_FEATURES,
+  CLASSIFIER_IMAGE_SIZE,
+  CLASSIFIER_WEIGHTS,
+  classifierForward,
+  type ClassifierForwardOptions,
+  type ClassifierOutput,
+  classifierParamShapes,
+  type ClassifierStepResult,
+  ClassifierTrainer,
+  type ClassifierTrainerOptions,
+  DigitClassifier,
+  type Embedding,
+  encodeClassifier,
+  initClassifierParams,
+} from "./core/classifier.ts";
+export {
+  type EvaluateOptions,
+  evaluateSamples,
+  type Evaluation,
+} from "./core/evaluate.ts";
 export * from "./samplers/mod.ts";
 export {
   type DatasetName,
@@ -157,3 +184,10 @@ export {
   formatProgress,
 } from "./data/download.ts";
 export { loadMnistLite, MNIST_LITE_PACKAGE } from "./data/mnist_lite.ts";
+export {
+  type HoldoutSplit,
+  holdoutSplit,
+  spreadImages,
+  type SpreadImagesOptions,
+  subsetDataset,
+} from "./data/holdout.ts";
