@@ -24,10 +24,13 @@ import {
   type BackendName,
   COMMON_OPTIONS,
   type DatasetName,
+  DigitClassifier,
   type DownloadProgress,
-  encodeNpy,
+  evaluateSamples,
+  type Evaluation,
   formatProgress,
   getSampler,
+  holdoutSplit,
   ImageBatcher,
   imagesToGrid,
   initBackend,
@@ -43,10 +46,13 @@ import {
   type RunSetup,
   type RunSetupInput,
   type SamplerPlugin,
+  spreadImages,
   type StepMetrics,
   tf,
   TrainingRun,
   validateSamplerOptions,
+  writeFileAtomic,
+  writeNpy,
   writePng,
 } from "./mod.ts";
 
@@ -61,6 +67,7 @@ USAGE
 COMMANDS
   train      train a UNet on MNIST, Fashion-MNIST or the bundled mnist-lite
   sample     sample a checkpoint with any registered sampler into a PNG grid or .npy
+  eval       score a checkpoint's samples: Fréchet distance to real digits, with its floor
   download   download and verify a dataset into the cache
   samplers   list the registered samplers and their options
   info       show Deno, tfjs and backend versions and the adapter
@@ -983,21 +990,46 @@ function sampleHelp(): string {
   return lines.join("\n") + "\n";
 }
 
-/** Pick `--sampler NAME` (or `--sampler=NAME`) out of the arguments before the full parse. */
-function findSampler(args: string[]): string {
+/** Pick `--NAME VALUE` (or `--NAME=VALUE`) out of the arguments before the full parse. */
+function findFlag(args: string[], name: string, fallback: string): string {
   for (let i = 0; i < args.length; i++) {
     if (args[i] === "--") break;
-    if (args[i] === "--sampler" && i + 1 < args.length) return args[i + 1];
-    if (args[i].startsWith("--sampler=")) return args[i].slice(10);
+    if (args[i] === `--${name}` && i + 1 < args.length) return args[i + 1];
+    if (args[i].startsWith(`--${name}=`)) return args[i].slice(name.length + 3);
   }
-  return "ddim";
+  return fallback;
 }
 
-async function sample(args: string[]): Promise<number> {
-  if (args.includes("--help") || args.includes("-h")) {
-    console.log(sampleHelp());
-    return 0;
-  }
+/** The sampler named by `--sampler` (ddim by default). */
+function findSampler(args: string[]): string {
+  return findFlag(args, "sampler", "ddim");
+}
+
+/** What {@linkcode sampleFromArgs} made: images the caller owns, and how. */
+interface Sampled {
+  images: tf.Tensor4D;
+  values: Record<string, unknown>;
+  checkpoint: string;
+  plugin: SamplerPlugin;
+  seconds: number;
+  describe: string;
+}
+
+/**
+ * Parse a sampling command's flags (common + the sampler's own + `extra`),
+ * load the checkpoint and sample it. `beforeLoad` checks the command's own
+ * flags before anything heavy happens.
+ */
+async function sampleFromArgs(
+  command: "sample" | "eval",
+  args: string[],
+  extra: Record<string, OptionDef>,
+  defaultN: number,
+  beforeLoad: (
+    values: Record<string, unknown>,
+    checkpoint: string,
+  ) => Promise<void>,
+): Promise<Sampled> {
   let plugin: SamplerPlugin;
   try {
     plugin = getSampler(findSampler(args));
@@ -1005,7 +1037,7 @@ async function sample(args: string[]): Promise<number> {
     throw new UsageError((e as Error).message);
   }
   const own = pluginFlags(plugin);
-  const defs: Record<string, OptionDef> = { ...SAMPLE_OPTIONS };
+  const defs: Record<string, OptionDef> = { ...SAMPLE_OPTIONS, ...extra };
   for (const [name, flag] of own) {
     defs[flag] = {
       type: plugin.options[name].type === "boolean" ? "boolean" : "string",
@@ -1013,7 +1045,7 @@ async function sample(args: string[]): Promise<number> {
   }
   let values;
   try {
-    values = parse("sample", args, defs);
+    values = parse(command, args, defs);
   } catch (e) {
     if (e instanceof UsageError && /^unknown option/.test(e.message)) {
       const known = [...own.values()].map((f) => `--${f}`).join(", ");
@@ -1057,16 +1089,11 @@ async function sample(args: string[]): Promise<number> {
     }
     opts.numSteps = steps;
   }
-  opts.n = intOpt(values, "n", 1, 4096) ?? 64;
+  opts.n = intOpt(values, "n", 1, command === "eval" ? 100000 : 4096) ??
+    defaultN;
   const seedGiven = intOpt(values, "seed", 0, 2 ** 32 - 1);
   const seed = seedGiven ?? Math.floor(Math.random() * 2 ** 31);
   opts.seed = seed;
-  const fmtFlag = choiceOpt(values, "format", ["png", "npy"] as const);
-  const outFlag = str(values, "out");
-  const format = fmtFlag ??
-    (outFlag?.toLowerCase().endsWith(".npy") ? "npy" : "png");
-  const out = outFlag ??
-    join(dirname(checkpoint), `sample_${plugin.name}.${format}`);
   try {
     const st = await Deno.stat(checkpoint);
     if (!st.isFile) throw new Error("not a file");
@@ -1079,7 +1106,7 @@ async function sample(args: string[]): Promise<number> {
       }`,
     );
   }
-  await checkWritableDir(dirname(out) || ".", "the output folder");
+  await beforeLoad(values, checkpoint);
 
   await startBackend(values);
   const model = await loadTrainedModel(checkpoint, {
@@ -1121,13 +1148,12 @@ async function sample(args: string[]): Promise<number> {
       }
       throw new UsageError(message);
     }
-    say(
-      `sampling ${checked.n} images with ${plugin.name} (${
-        Object.entries(checked)
-          .filter(([k]) => !(k in COMMON_OPTIONS))
-          .map(([k, v]) => `${kebab(k)} ${v}`).join(", ")
-      }), seed ${seed}, ${model.weights} weights of step ${model.step}`,
-    );
+    const describe = `${plugin.name} (${
+      Object.entries(checked)
+        .filter(([k]) => !(k in COMMON_OPTIONS))
+        .map(([k, v]) => `${kebab(k)} ${v}`).join(", ")
+    }), seed ${seed}, ${model.weights} weights of step ${model.step}`;
+    say(`sampling ${checked.n} images with ${describe}`);
     const controller = new AbortController();
     const onSigint = () => controller.abort(new Interrupted("interrupted"));
     let progress: Progress | null = null;
@@ -1164,37 +1190,193 @@ async function sample(args: string[]): Promise<number> {
       Deno.removeSignalListener("SIGINT", onSigint);
       (progress as Progress | null)?.stop();
     }
-    try {
-      if (format === "npy") {
-        const data = await images.data() as Float32Array;
-        await writeAtomic(out, encodeNpy(data, images.shape));
-      } else {
-        await writePng(out, await imagesToGrid(images, { nrow: 8 }));
-      }
-    } finally {
-      images.dispose();
-    }
-    say(`done in ${fmtDuration((performance.now() - t0) / 1000)}`);
-    console.log(out);
-    return 0;
+    return {
+      images,
+      values,
+      checkpoint,
+      plugin,
+      seconds: (performance.now() - t0) / 1000,
+      describe,
+    };
   } finally {
     model.unet.dispose();
     model.schedule.dispose();
   }
 }
 
-async function writeAtomic(path: string, bytes: Uint8Array): Promise<void> {
-  const tmp = join(
-    dirname(path),
-    `.${crypto.randomUUID().slice(0, 8)}.tmp`,
+async function sample(args: string[]): Promise<number> {
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(sampleHelp());
+    return 0;
+  }
+  let out = "";
+  let format = "png" as "png" | "npy";
+  const { images, plugin, seconds } = await sampleFromArgs(
+    "sample",
+    args,
+    {},
+    64,
+    async (values, checkpoint) => {
+      const fmtFlag = choiceOpt(values, "format", ["png", "npy"] as const);
+      const outFlag = str(values, "out");
+      format = fmtFlag ??
+        (outFlag?.toLowerCase().endsWith(".npy") ? "npy" : "png");
+      out = outFlag ??
+        join(dirname(checkpoint), `sample_${findSampler(args)}.${format}`);
+      await checkWritableDir(dirname(out) || ".", "the output folder");
+    },
   );
   try {
-    await Deno.writeFile(tmp, bytes);
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw e;
+    if (format === "npy") {
+      await writeNpy(out, images);
+    } else {
+      await writePng(out, await imagesToGrid(images, { nrow: 8 }));
+    }
+  } finally {
+    images.dispose();
   }
+  say(`${plugin.name}: done in ${fmtDuration(seconds)}`);
+  console.log(out);
+  return 0;
+}
+
+const EVAL_HELP =
+  `ddpm eval: score a checkpoint's samples with a Fréchet distance on digit-classifier features
+
+USAGE
+  deno run -A cli.ts eval --checkpoint FILE [--sampler NAME] [options]
+
+Samples N images, embeds them with the shipped digit classifier (98.7% on
+held-out digits; 64-d penultimate features) and prints the Fréchet distance
+to N real held-out digits, the real-vs-real floor for the same N (what a
+perfect generator scores), the classifier's mean confidence and the class
+histogram of the samples. Compare distances only at the same N.
+
+The reference set: with --dataset mnist-lite (the default) the 2,000 held-out
+digits of the bundled set (floor: N training digits), with --dataset mnist the
+10,000 test digits (floor: N training digits). Sampler options are those of
+\`ddpm sample\` (see \`ddpm sample --help\`).
+
+OPTIONS
+  --checkpoint FILE       a .safetensors checkpoint (required)
+  --dataset NAME          mnist-lite (default) or mnist
+  --cache-dir DIR         download cache for mnist
+  --n N                   images per set (default: all of the reference set, 2,000 or 10,000)
+  --sampler NAME          a registered sampler (default ddim) and its --options
+  --steps N               alias of the sampler's --num-steps
+  --seed N                seed of the noise (default: random, printed)
+  --ema | --live          which weights (EMA by default when the file has them)
+  --json FILE             also write the result as JSON
+  --backend NAME          auto (default), webgpu, wasm or cpu
+  -h, --help              show this help
+`;
+
+/** The real digits `eval` compares with: the reference set and the floor's set. */
+async function evalSets(name: string, cacheDir: string | undefined) {
+  if (name === "mnist-lite") {
+    const { dataset } = await loadDataset({ name: "mnist-lite" });
+    const { train, heldOut } = holdoutSplit(dataset);
+    return { reference: heldOut, floor: train };
+  }
+  const load = async (split: "train" | "test") =>
+    (await loadDataset({
+      name: "mnist",
+      split,
+      cacheDir,
+      fallback: false,
+      onProgress: downloadReporter(),
+    })).dataset;
+  return { reference: await load("test"), floor: await load("train") };
+}
+
+async function evaluate(args: string[]): Promise<number> {
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(EVAL_HELP);
+    return 0;
+  }
+  const dataset = findFlag(args, "dataset", "mnist-lite");
+  if (dataset !== "mnist-lite" && dataset !== "mnist") {
+    throw new UsageError(
+      `unknown --dataset (got "${dataset}", expected mnist-lite or mnist: the classifier knows digits only)`,
+    );
+  }
+  const maxN = dataset === "mnist-lite" ? 2000 : 10000;
+  let jsonPath: string | undefined;
+  let cacheDir: string | undefined;
+  let n = maxN;
+  const { images, checkpoint, seconds, describe } = await sampleFromArgs(
+    "eval",
+    args,
+    {
+      dataset: { type: "string" },
+      "cache-dir": { type: "string" },
+      json: { type: "string" },
+    },
+    maxN,
+    async (values) => {
+      n = intOpt(values, "n", 2, maxN) ?? maxN;
+      jsonPath = str(values, "json");
+      cacheDir = str(values, "cache-dir");
+      if (values.out !== undefined || values.format !== undefined) {
+        throw new UsageError(
+          "--out and --format belong to sample; eval takes --json FILE",
+        );
+      }
+      if (jsonPath !== undefined) {
+        await checkWritableDir(dirname(jsonPath) || ".", "the --json folder");
+      }
+    },
+  );
+  let result: Evaluation;
+  const classifier = await DigitClassifier.load();
+  try {
+    const sets = await evalSets(dataset, cacheDir);
+    const real = spreadImages(sets.reference, n);
+    const floorImages = spreadImages(sets.floor, n);
+    try {
+      result = await evaluateSamples(images, real, { classifier, floorImages });
+    } finally {
+      tf.dispose([real, floorImages]);
+    }
+  } finally {
+    images.dispose();
+    classifier.dispose();
+  }
+  const report = {
+    checkpoint,
+    sampler: describe,
+    dataset,
+    n,
+    distance: result.distance,
+    floor: result.floor,
+    meanConfidence: result.meanConfidence,
+    realMeanConfidence: result.realMeanConfidence,
+    classHistogram: result.classHistogram,
+    sampleSeconds: seconds,
+    imagesPerSec: n / seconds,
+    backend: tf.getBackend(),
+  };
+  const f = (x: number, d: number) => x.toFixed(d);
+  console.log(
+    `distance ${f(report.distance, 2)} (floor ${
+      f(report.floor, 2)
+    } at N = ${n}), ` +
+      `confidence ${f(report.meanConfidence, 3)} (real ${
+        f(report.realMeanConfidence, 3)
+      }), ` +
+      `classes [${report.classHistogram.join(", ")}], ` +
+      `${f(seconds, 1)} s sampling (${
+        f(report.imagesPerSec, 2)
+      } images/s, ${report.backend})`,
+  );
+  if (jsonPath !== undefined) {
+    await writeFileAtomic(
+      jsonPath,
+      new TextEncoder().encode(JSON.stringify(report, null, 2) + "\n"),
+    );
+    console.log(jsonPath);
+  }
+  return 0;
 }
 
 // ---------------------------------------------------- download, samplers, info
@@ -1297,6 +1479,7 @@ async function info(args: string[]): Promise<number> {
 const COMMANDS: Record<string, (args: string[]) => Promise<number> | number> = {
   train,
   sample,
+  eval: evaluate,
   download,
   samplers,
   info,

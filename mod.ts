@@ -33,6 +33,7 @@ export {
   tf,
 } from "./core/backend.ts";
 export { setWasmThreads, wasmThreads } from "./core/wasm_threads.ts";
+export { writeFileAtomic } from "./core/atomic.ts";
 export {
   extract,
   makeSchedule,
@@ -99,6 +100,7 @@ export {
   plotCurve,
   type PlotOptions,
   type Raster,
+  writeNpy,
   writePng,
 } from "./core/image.ts";
 export {

@@ -23,7 +23,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { tf } from "./backend.ts";
-import { writeFileAtomic } from "./_atomic.ts";
+import { writeFileAtomic } from "./atomic.ts";
 import {
   decodeSafetensors,
   encodeSafetensors,

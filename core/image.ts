@@ -5,7 +5,7 @@
  */
 import { encode } from "fast-png";
 import type { tf } from "./backend.ts";
-import { writeFileAtomic } from "./_atomic.ts";
+import { writeFileAtomic } from "./atomic.ts";
 
 /** An 8-bit raster: `channels` interleaved values per pixel, rows top to bottom. */
 export interface Raster {
@@ -235,4 +235,21 @@ export function encodeNpy(
   const view = new DataView(out.buffer, 10 + header.length);
   for (let i = 0; i < data.length; i++) view.setFloat32(i * 4, data[i], true);
   return out;
+}
+
+/**
+ * Write a tensor to a `.npy` file (float32, C order) that `numpy.load` reads, atomically.
+ *
+ * @param path Where to write.
+ * @param tensor The values; read from the device once.
+ * @returns Nothing; resolves once the file is in place.
+ * @example
+ * ```ts ignore
+ * import { writeNpy } from "./image.ts";
+ * await writeNpy("samples.npy", samples); // numpy.load("samples.npy").shape == (n, 32, 32, 1)
+ * ```
+ */
+export async function writeNpy(path: string, tensor: tf.Tensor): Promise<void> {
+  const data = await tensor.data() as Float32Array;
+  await writeFileAtomic(path, encodeNpy(Float32Array.from(data), tensor.shape));
 }

@@ -44,7 +44,7 @@ import {
   saveCheckpoint,
 } from "./checkpoint.ts";
 import { imagesToGrid, plotCurve, writePng } from "./image.ts";
-import { writeFileAtomic } from "./_atomic.ts";
+import { writeFileAtomic } from "./atomic.ts";
 
 /** The file names a run writes in its folder. */
 export const RUN_FILES: Readonly<{

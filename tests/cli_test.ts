@@ -170,6 +170,47 @@ Deno.test("sample writes the right grid with every registered sampler", async ()
   }
 });
 
+Deno.test("eval prints a distance above its floor and writes the same figures as JSON", async () => {
+  assert.equal((await tinyRun()).code, 0);
+  const json = `${root}/eval.json`;
+  const got = await cli(
+    "eval",
+    "--checkpoint",
+    `${trained}/checkpoint.safetensors`,
+    "--backend",
+    "wasm",
+    "--n",
+    "20",
+    "--steps",
+    "2",
+    "--seed",
+    "3",
+    "--json",
+    json,
+  );
+  assert.equal(got.code, 0, got.stderr.join("\n"));
+  const report = JSON.parse(await Deno.readTextFile(json));
+  assert.equal(report.n, 20);
+  assert.equal(report.dataset, "mnist-lite");
+  // 3 training steps cannot make digits: far from real digits, whose own
+  // distance (the floor) is small; the histogram counts all 20 samples.
+  assert.ok(report.distance > 3 * report.floor, JSON.stringify(report));
+  assert.equal(
+    report.classHistogram.reduce((a: number, b: number) => a + b, 0),
+    20,
+  );
+  assert.ok(report.realMeanConfidence > 0.9);
+  assert.match(
+    got.stdout[0],
+    new RegExp(
+      `^distance ${report.distance.toFixed(2)} \\(floor ${
+        report.floor.toFixed(2)
+      } at N = 20\\)`,
+    ),
+  );
+  assert.equal(got.stdout[1], json);
+});
+
 Deno.test("sample takes a plugin's options as kebab-case flags, --live, and writes npy that numpy's format describes", async () => {
   assert.equal((await tinyRun()).code, 0);
   const out = `${root}/x.npy`;
@@ -344,6 +385,13 @@ Deno.test("each user mistake gets one line and exit code 2 (usage) or 1 (failure
     ],
     [["train", "--out", `${aFile}/sub`], 1, /Cannot write output folder/],
     [["sample"], 2, /--checkpoint FILE is required/],
+    [["eval"], 2, /--checkpoint FILE is required/],
+    [
+      ["eval", "--checkpoint", ckpt, "--dataset", "fashion-mnist"],
+      2,
+      /unknown --dataset \(got "fashion-mnist", expected mnist-lite or mnist/,
+    ],
+    [["eval", "--checkpoint", ckpt, "--n", "5000"], 2, /--n out of range/],
     [
       ["sample", "--checkpoint", `${root}/missing.safetensors`],
       1,

@@ -30,7 +30,7 @@ import {
   encodeClassifier,
   initClassifierParams,
 } from "../../core/classifier.ts";
-import { writeFileAtomic } from "../../core/_atomic.ts";
+import { writeFileAtomic } from "../../core/atomic.ts";
 import { Ema } from "../../core/ema.ts";
 import { ImageBatcher } from "../../data/batches.ts";
 import type { ImageDataset } from "../../data/dataset.ts";

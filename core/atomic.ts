@@ -15,6 +15,14 @@ import { basename, dirname, join } from "node:path";
  * @param path The file to write.
  * @param bytes Its new contents.
  * @returns Nothing; resolves once the file is in place.
+ * @example
+ * ```ts
+ * import { writeFileAtomic } from "./atomic.ts";
+ * const dir = await Deno.makeTempDir();
+ * await writeFileAtomic(`${dir}/notes.txt`, new TextEncoder().encode("hello\n"));
+ * console.log(await Deno.readTextFile(`${dir}/notes.txt`)); // "hello\n"
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export async function writeFileAtomic(
   path: string,
