@@ -1,22 +1,9 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
+import { randoms, relErr } from "./_util.ts";
 
 type Shape4 = [number, number, number, number];
-
-/** A seeded uniform [-1, 1) stream (mulberry32), independent of tfjs. */
-function randoms(n: number, seed: number): Float32Array {
-  let a = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out[i] = (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  }
-  return out;
-}
 
 const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
 const at4 = (s: number[], a: number, b: number, c: number, d: number) =>
@@ -123,18 +110,6 @@ function naiveConvT(
     }
   }
   return { y, dx, dw };
-}
-
-/** max |got - want| / max |want|. */
-function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
-  assert.equal(got.length, want.length);
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < want.length; i++) {
-    diff = Math.max(diff, Math.abs(got[i] - want[i]));
-    scale = Math.max(scale, Math.abs(want[i]));
-  }
-  return diff / scale;
 }
 
 /** The op's output and its gradients of sum(y * r), read back. */

@@ -8,30 +8,7 @@ import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { DownloadError, type DownloadProgress } from "../data/download.ts";
 import { defaultCacheDir, loadDataset } from "../data/mnist.ts";
-
-const be32 = (n: number): number[] => [
-  n >>> 24,
-  (n >>> 16) & 255,
-  (n >>> 8) & 255,
-  n & 255,
-];
-
-function idx(type: number, dims: number[], payload: number[]): Uint8Array {
-  return new Uint8Array([
-    0,
-    0,
-    type,
-    dims.length,
-    ...dims.flatMap(be32),
-    ...payload,
-  ]);
-}
-
-async function gzip(bytes: Uint8Array): Promise<Uint8Array> {
-  const stream = new Blob([bytes as Uint8Array<ArrayBuffer>]).stream()
-    .pipeThrough(new CompressionStream("gzip"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
+import { gzip, idx } from "./_util.ts";
 
 /** SHA-256 through Web Crypto: a second implementation beside the code's node:crypto. */
 async function sha256(bytes: Uint8Array): Promise<string> {

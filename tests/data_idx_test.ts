@@ -9,29 +9,7 @@ import {
 } from "../data/idx.ts";
 import { imageDatasetFromIdx } from "../data/dataset.ts";
 import { loadIdxDir } from "../data/idx_dir.ts";
-
-/** Big-endian uint32 bytes. */
-function be32(n: number): number[] {
-  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255];
-}
-
-/** Hand-built IDX bytes: magic 00 00 <type> <rank>, dims, payload bytes. */
-function idx(type: number, dims: number[], payload: number[]): Uint8Array {
-  return new Uint8Array([
-    0,
-    0,
-    type,
-    dims.length,
-    ...dims.flatMap(be32),
-    ...payload,
-  ]);
-}
-
-async function gzip(bytes: Uint8Array): Promise<Uint8Array> {
-  const stream = new Blob([bytes as Uint8Array<ArrayBuffer>]).stream()
-    .pipeThrough(new CompressionStream("gzip"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
+import { gzip, idx } from "./_util.ts";
 
 function rejects(
   fn: () => unknown,

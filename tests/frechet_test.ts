@@ -5,17 +5,7 @@ import {
   frechetDistance,
 } from "../core/frechet.ts";
 import { symmetricEigen, traceSqrtProduct } from "../core/_linalg.ts";
-
-/** Seeded uniform floats (mulberry32), independent of the library's RNG. */
-function uniform(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { uniform } from "./_util.ts";
 
 /** Standard normals by Box-Muller. */
 function normal(seed: number): () => number {

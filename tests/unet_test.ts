@@ -3,6 +3,7 @@ import { initBackend, tf } from "../core/backend.ts";
 import { decodeSafetensors } from "../core/safetensors.ts";
 import { groupNorm, sinusoidalEmbedding } from "../core/_layers.ts";
 import { UNet, type UNetConfig, unetParamShapes } from "../core/unet.ts";
+import { randoms, relErr } from "./_util.ts";
 
 await initBackend("cpu");
 
@@ -11,32 +12,6 @@ const TINY: UNetConfig = { inChannels: 1, base: 8, timeDim: 32 };
 // exactly zero (a bias followed by a norm); base 16 has none.
 const SMALL: UNetConfig = { inChannels: 1, base: 16, timeDim: 32 };
 const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
-
-/** A seeded uniform [-1, 1) stream (mulberry32), independent of tfjs. */
-function randoms(n: number, seed: number): Float32Array {
-  let a = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out[i] = (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  }
-  return out;
-}
-
-/** max |got - want| / max |want|. */
-function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
-  assert.equal(got.length, want.length);
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < want.length; i++) {
-    diff = Math.max(diff, Math.abs(got[i] - want[i]));
-    scale = Math.max(scale, Math.abs(want[i]));
-  }
-  return diff / scale;
-}
 
 function leakCheck<T>(f: () => T): T {
   const before = tf.memory().numTensors;
