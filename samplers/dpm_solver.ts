@@ -39,7 +39,7 @@ import {
 } from "./options.ts";
 import type { ModelLike, SampleOptions, SamplerPlugin } from "./registry.ts";
 import { logSnr, predictX0, type Spacing } from "./math.ts";
-import { drive, evalEps, gridSteps, startRun } from "./_run.ts";
+import { drive, evalEps, gridSteps, maybeClip, startRun } from "./_run.ts";
 
 /** Options of {@linkcode sampleDpmSolver}. */
 export interface DpmSolverOptions extends SampleOptions {
@@ -49,6 +49,8 @@ export interface DpmSolverOptions extends SampleOptions {
   spacing?: Spacing;
   /** Take the step into the grid's lowest timestep first order; on by default. */
   lowerOrderFinal?: boolean;
+  /** Clip each predicted x0 to [-1, 1] (as DDIM's default); off by default, as the paper. */
+  clipX0?: boolean;
 }
 
 const DPM_SOLVER_OPTIONS: OptionsSchema = {
@@ -59,6 +61,11 @@ const DPM_SOLVER_OPTIONS: OptionsSchema = {
     description: "first-order step into the lowest grid timestep",
     default: true,
   },
+  clipX0: {
+    type: "boolean",
+    description: "clip the predicted x0 to [-1, 1] at each step",
+    default: false,
+  },
 };
 
 /**
@@ -66,7 +73,7 @@ const DPM_SOLVER_OPTIONS: OptionsSchema = {
  *
  * @param model The noise predictor (a function or a `UNet`).
  * @param schedule The schedule the model was trained with.
- * @param options Common options plus `numSteps`, `spacing`, `lowerOrderFinal`.
+ * @param options Common options plus `numSteps`, `spacing`, `lowerOrderFinal`, `clipX0`.
  * @returns Images, NHWC in [-1, 1]; the caller owns the tensor.
  * @throws {RangeError} numSteps outside [1, T] or another option out of range.
  * @throws {TypeError} An option of the wrong type, a bad xT, or a model output of the wrong shape.
@@ -97,6 +104,7 @@ export async function sampleDpmSolver(
     options,
   );
   const lowerOrderFinal = run.opts.lowerOrderFinal as boolean;
+  const clip = run.opts.clipX0 as boolean;
   const steps = gridSteps(run, schedule);
   let m1: tf.Tensor4D | null = null; // the previous step's x0
   let hPrev = 0;
@@ -108,7 +116,7 @@ export async function sampleDpmSolver(
       const prev = m1;
       const out = tf.tidy(() => {
         // 1. predict x0 (the data prediction m0)
-        const m0 = predictX0(x, evalEps(run, x, t), abar);
+        const m0 = maybeClip(predictX0(x, evalEps(run, x, t), abar), clip);
         // 2. D: m0, or the second-order combination with the previous x0
         const D = firstOrder || prev === null
           ? m0

@@ -570,6 +570,30 @@ Deno.test("sampleDdim with eta = 0 is deterministic given xT, whatever the seed"
   xT.dispose();
 });
 
+Deno.test("sampleDpmSolver clipX0 keeps every predicted x0 in [-1, 1]; off, x0 = x_t / sqrt(abar) leaves it", async () => {
+  // eps = 0 makes the predicted x0 x_t / sqrt(abar_t), about 150 x_t at t = T-1
+  const zeroEps = (x: tf.Tensor4D) => tf.zerosLike(x) as tf.Tensor4D;
+  const ranges: Record<string, number> = {};
+  for (const clipX0 of [true, false]) {
+    let worst = 0;
+    const out = await sampleDpmSolver(zeroEps, schedule, {
+      n: 2,
+      imgSize: 4,
+      numSteps: 5,
+      seed: 1,
+      clipX0,
+      onStep: async ({ x0 }) => {
+        const v = await x0.data();
+        for (const e of v) worst = Math.max(worst, Math.abs(e));
+      },
+    });
+    out.dispose();
+    ranges[String(clipX0)] = worst;
+  }
+  assert.ok(ranges.true <= 1, `clipped x0 reached ${ranges.true}`);
+  assert.ok(ranges.false > 10, `unclipped x0 only reached ${ranges.false}`);
+});
+
 // ------------------------------------------------------------- inversion
 
 Deno.test("invertDdim then sampleDdim returns the image, more closely as steps grow", async () => {
