@@ -14,6 +14,7 @@ import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
 // Lets DDPM_WASM_THREADS / setWasmThreads start wasm multithreaded under Deno.
 import "./wasm_threads.ts";
 
+/** The TensorFlow.js (tfjs-core 4.22.0) namespace the library computes with: build tensors with it. */
 export { tf };
 
 // tfjs registers its own WebGPU backend on import; under Deno that
