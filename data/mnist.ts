@@ -38,6 +38,18 @@ export interface RemoteDataset {
   md5: Readonly<Record<string, string>>;
 }
 
+/** The file names MNIST and Fashion-MNIST share (Fashion-MNIST was made a drop-in replacement). */
+const IDX_GZ_FILES: RemoteDataset["files"] = {
+  train: {
+    images: "train-images-idx3-ubyte.gz",
+    labels: "train-labels-idx1-ubyte.gz",
+  },
+  test: {
+    images: "t10k-images-idx3-ubyte.gz",
+    labels: "t10k-labels-idx1-ubyte.gz",
+  },
+};
+
 /**
  * The downloadable datasets: mirrors and published checksums.
  *
@@ -67,16 +79,7 @@ export const DATASETS: Readonly<
       "https://storage.googleapis.com/cvdf-datasets/mnist/",
       "http://yann.lecun.com/exdb/mnist/",
     ],
-    files: {
-      train: {
-        images: "train-images-idx3-ubyte.gz",
-        labels: "train-labels-idx1-ubyte.gz",
-      },
-      test: {
-        images: "t10k-images-idx3-ubyte.gz",
-        labels: "t10k-labels-idx1-ubyte.gz",
-      },
-    },
+    files: IDX_GZ_FILES,
     md5: {
       "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
       "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
@@ -90,16 +93,7 @@ export const DATASETS: Readonly<
       "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
       "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
     ],
-    files: {
-      train: {
-        images: "train-images-idx3-ubyte.gz",
-        labels: "train-labels-idx1-ubyte.gz",
-      },
-      test: {
-        images: "t10k-images-idx3-ubyte.gz",
-        labels: "t10k-labels-idx1-ubyte.gz",
-      },
-    },
+    files: IDX_GZ_FILES,
     md5: {
       "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
       "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
