@@ -5,21 +5,14 @@
  * @module
  */
 import assert from "node:assert/strict";
+import { mulberry32 } from "../data/_random.ts";
 
-/** Seeded uniform floats in [0, 1) (mulberry32). */
-export function uniform(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded uniform floats in [0, 1): the data pipeline's mulberry32. */
+export { mulberry32 as uniform } from "../data/_random.ts";
 
 /** n seeded uniform floats in [-1, 1). */
 export function randoms(n: number, seed: number): Float32Array {
-  const u = uniform(seed);
+  const u = mulberry32(seed);
   return Float32Array.from({ length: n }, () => u() * 2 - 1);
 }
 
