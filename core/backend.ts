@@ -99,7 +99,14 @@ async function registerWebGpu(probe: AdapterProbe): Promise<void> {
     maxComputeWorkgroupSizeX: limits.maxComputeWorkgroupSizeX,
     maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
   };
-  const device = await probe.adapter.requestDevice({ requiredLimits });
+  // Kernel timing in tf.profile / tf.time needs timestamp queries.
+  const requiredFeatures = ["timestamp-query"].filter((f) =>
+    probe.adapter.features.has(f)
+  ) as GPUFeatureName[];
+  const device = await probe.adapter.requestDevice({
+    requiredLimits,
+    requiredFeatures,
+  });
   if (tf.engine().registryFactory["webgpu"] !== undefined) {
     tf.removeBackend("webgpu");
   }

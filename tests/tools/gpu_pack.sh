@@ -1,7 +1,7 @@
 #!/bin/sh
 # Pack what a GPU machine without a package registry needs to run the
-# performance comparison (tests/tools/gpu_run.sh): the benchmark bundled
-# into one JavaScript file (tfjs included, no npm resolution needed there)
+# performance comparison (tests/tools/gpu_run.sh): the benchmark and the
+# kernel profile, each bundled into one JavaScript file (tfjs included, no npm resolution needed there)
 # and this Deno binary, xz-compressed, both under out/gpu/ (git-ignored;
 # about 35 MB in all, inside the 64 MiB a device call can carry).
 #
@@ -11,7 +11,9 @@
 set -eu
 cd "$(dirname "$0")/../.."
 mkdir -p out/gpu
-deno bundle --platform deno --minify -o out/gpu/perf_table.js tests/tools/perf_table.ts
+for tool in perf_table gpu_profile; do
+  deno bundle --platform deno --minify -o "out/gpu/$tool.js" "tests/tools/$tool.ts"
+done
 deno_bin="$(readlink -f "$(command -v deno)")"
 xz -T0 -6 -c "$deno_bin" > out/gpu/deno.xz.tmp
 mv out/gpu/deno.xz.tmp out/gpu/deno.xz

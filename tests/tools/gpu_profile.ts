@@ -1,0 +1,177 @@
+/**
+ * Where a WebGPU training step spends its time: the adapter's features and
+ * limits, the wall time of a forward pass and a training step under several
+ * command-buffer batch sizes (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE), and
+ * a per-kernel breakdown from `tf.profile` (GPU time per kernel where the
+ * adapter offers `timestamp-query`, else dispatch counts only). The sum of
+ * kernel times against the wall time says whether a step is bound by the GPU
+ * or by the host's dispatch overhead.
+ *
+ * ```sh
+ * deno run -A tests/tools/gpu_profile.ts --base 64 --train-batch 64 --json out.json
+ * ```
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { initBackend, tf } from "../../core/backend.ts";
+import { makeSchedule } from "../../core/schedule.ts";
+import { Trainer } from "../../core/train.ts";
+import { UNet } from "../../core/unet.ts";
+
+function median(v: number[]): number {
+  const s = [...v].sort((a, b) => a - b);
+  return s[s.length >> 1];
+}
+
+async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
+  await f();
+  const t: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    await f();
+    t.push(performance.now() - t0);
+  }
+  return median(t);
+}
+
+interface KernelRow {
+  name: string;
+  count: number;
+  ms: number;
+}
+
+/** Kernel time grouped by kernel name and output shape, largest first. */
+async function profileRows(
+  f: () => Promise<void>,
+): Promise<{ rows: KernelRow[]; kernels: number; kernelMs: number }> {
+  const info = await tf.profile(f);
+  const byKey = new Map<string, KernelRow>();
+  let kernelMs = 0;
+  for (const k of info.kernels) {
+    const ms = Number(k.kernelTimeMs) || 0;
+    kernelMs += ms;
+    const key = `${k.name} ${JSON.stringify(k.outputShapes)}`;
+    const row = byKey.get(key) ?? { name: key, count: 0, ms: 0 };
+    row.count++;
+    row.ms += ms;
+    byKey.set(key, row);
+  }
+  const rows = [...byKey.values()].sort((a, b) => b.ms - a.ms);
+  return { rows, kernels: info.kernels.length, kernelMs };
+}
+
+async function main(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      base: { type: "string", default: "64" },
+      "forward-batch": { type: "string", default: "16" },
+      "train-batch": { type: "string", default: "64" },
+      reps: { type: "string", default: "5" },
+      batches: { type: "string", default: "15,64,512" },
+      json: { type: "string" },
+    },
+  });
+  const base = Number(values.base);
+  const fb = Number(values["forward-batch"]);
+  const tb = Number(values["train-batch"]);
+  const reps = Number(values.reps);
+  const got = await initBackend("webgpu");
+  console.log(`backend ${got.backend}: ${got.reason}`);
+  if (got.backend !== "webgpu") return 1;
+  const backend = tf.backend() as unknown as {
+    device: GPUDevice;
+    supportTimestampQuery: boolean;
+  };
+  const features = [...backend.device.features].sort();
+  console.log(`adapter: ${got.adapter}`);
+  console.log(`features: ${features.join(", ")}`);
+  const out: Record<string, unknown> = {
+    adapter: got.adapter,
+    features,
+    base,
+    forwardBatch: fb,
+    trainBatch: tb,
+    wall: [],
+  };
+
+  const schedule = makeSchedule({ T: 1000 });
+  const unet = new UNet({ base, seed: 1 });
+  const xf = tf.tidy(() =>
+    tf.clipByValue(
+      tf.randomNormal([fb, 32, 32, 1], 0, 0.5, "float32", 1),
+      -1,
+      1,
+    )
+  ) as tf.Tensor4D;
+  const tf_ = tf.tensor1d(
+    Array.from({ length: fb }, (_, i) => (i * 37) % 1000),
+    "int32",
+  );
+  const x0 = tf.tidy(() =>
+    tf.clipByValue(
+      tf.randomNormal([tb, 32, 32, 1], 0, 0.5, "float32", 2),
+      -1,
+      1,
+    )
+  ) as tf.Tensor4D;
+  const trainer = new Trainer(unet, schedule, { seed: 1 });
+  const forward = async () => {
+    const y = unet.predict(xf, tf_);
+    await y.data();
+    y.dispose();
+  };
+  const step = async () => {
+    await trainer.trainStep(x0);
+    await trainer.ema!.params.get("out_conv.bias")!.data();
+  };
+  const t0 = performance.now();
+  await forward();
+  await step();
+  console.log(
+    `first forward + step (shader compilation): ${
+      (performance.now() - t0).toFixed(0)
+    } ms`,
+  );
+  for (const b of values.batches!.split(",").map(Number)) {
+    tf.env().set("WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE", b);
+    const f = await timeIt(reps, forward);
+    const s = await timeIt(reps, step);
+    (out.wall as unknown[]).push({ submitBatch: b, forwardMs: f, trainMs: s });
+    console.log(
+      `submit batch ${b}: forward(${fb}) ${f.toFixed(1)} ms = ${
+        (fb / f * 1000).toFixed(0)
+      } img/s; train step(${tb}) ${s.toFixed(1)} ms = ${
+        (tb / s * 1000).toFixed(0)
+      } img/s`,
+    );
+  }
+  tf.env().set("WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE", 15);
+  for (const [label, f] of [["forward", forward], ["train", step]] as const) {
+    const p = await profileRows(f);
+    out[`${label}Profile`] = p;
+    console.log(
+      `\n${label}: ${p.kernels} kernels, GPU time ${
+        p.kernelMs.toFixed(1)
+      } ms (timestamp-query ${backend.supportTimestampQuery})`,
+    );
+    for (const r of p.rows.slice(0, 25)) {
+      console.log(
+        `  ${r.ms.toFixed(2).padStart(8)} ms  ${
+          String(r.count).padStart(4)
+        }x  ${r.name}`,
+      );
+    }
+  }
+  trainer.dispose();
+  unet.dispose();
+  schedule.dispose();
+  tf.dispose([xf, tf_, x0]);
+  if (values.json) {
+    await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2) + "\n");
+  }
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
