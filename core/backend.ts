@@ -100,9 +100,9 @@ async function registerWebGpu(probe: AdapterProbe): Promise<void> {
     maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
   };
   // Kernel timing in tf.profile / tf.time needs timestamp queries.
-  const requiredFeatures = ["timestamp-query"].filter((f) =>
-    probe.adapter.features.has(f)
-  ) as GPUFeatureName[];
+  const requiredFeatures = (["timestamp-query"] as GPUFeatureName[]).filter((
+    f,
+  ) => probe.adapter.features.has(f));
   const device = await probe.adapter.requestDevice({
     requiredLimits,
     requiredFeatures,
