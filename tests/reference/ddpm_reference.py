@@ -34,7 +34,7 @@ import torch.nn.functional as F
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     scale = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -scale)
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 

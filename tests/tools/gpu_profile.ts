@@ -35,6 +35,73 @@ async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
   return median(t);
 }
 
+/** Host time spent inside WebGPU API calls, by method, while wrapped. */
+const apiTime = new Map<string, { count: number; ms: number }>();
+let apiWrapped = false;
+
+/** Wrap the WebGPU classes' methods to count calls and time them. */
+function wrapWebGpuApi(): void {
+  if (apiWrapped) return;
+  apiWrapped = true;
+  const g = globalThis as unknown as Record<string, { prototype: object }>;
+  for (
+    const cls of [
+      "GPUDevice",
+      "GPUQueue",
+      "GPUCommandEncoder",
+      "GPUComputePassEncoder",
+      "GPUBuffer",
+    ]
+  ) {
+    const proto = g[cls]?.prototype as Record<string, unknown> | undefined;
+    if (proto === undefined) continue;
+    for (const name of Object.getOwnPropertyNames(proto)) {
+      const d = Object.getOwnPropertyDescriptor(proto, name);
+      if (!d || typeof d.value !== "function" || name === "constructor") {
+        continue;
+      }
+      const f = d.value as (...a: unknown[]) => unknown;
+      const key = `${cls}.${name}`;
+      proto[name] = function (this: unknown, ...a: unknown[]) {
+        const t0 = performance.now();
+        const r = f.apply(this, a);
+        const row = apiTime.get(key) ?? { count: 0, ms: 0 };
+        row.count++;
+        row.ms += performance.now() - t0;
+        apiTime.set(key, row);
+        return r;
+      };
+    }
+  }
+}
+
+/** Per-dispatch cost of a chain of tiny element-wise kernels. */
+async function dispatchCost(size: number, n: number): Promise<{
+  enqueueUs: number;
+  totalUs: number;
+}> {
+  const a = tf.ones([size]);
+  let best = { enqueueUs: Infinity, totalUs: Infinity };
+  for (let rep = 0; rep < 3; rep++) {
+    const t0 = performance.now();
+    let x = a;
+    for (let i = 0; i < n; i++) {
+      const y = tf.add(x, a);
+      if (x !== a) x.dispose();
+      x = y;
+    }
+    const t1 = performance.now();
+    await x.data();
+    const t2 = performance.now();
+    x.dispose();
+    if (t2 - t0 < best.totalUs * n / 1000) {
+      best = { enqueueUs: (t1 - t0) * 1000 / n, totalUs: (t2 - t0) * 1000 / n };
+    }
+  }
+  a.dispose();
+  return best;
+}
+
 interface KernelRow {
   name: string;
   count: number;
@@ -96,6 +163,17 @@ async function main(args: string[]): Promise<number> {
     wall: [],
   };
 
+  out.dispatch = [];
+  for (const size of [16, 262144]) {
+    const d = await dispatchCost(size, 1000);
+    (out.dispatch as unknown[]).push({ size, ...d });
+    console.log(
+      `dispatch cost, add of ${size} floats: ${
+        d.enqueueUs.toFixed(1)
+      } us to enqueue, ${d.totalUs.toFixed(1)} us until done`,
+    );
+  }
+
   const schedule = makeSchedule({ T: 1000 });
   const unet = new UNet({ base, seed: 1 });
   const xf = tf.tidy(() =>
@@ -148,6 +226,29 @@ async function main(args: string[]): Promise<number> {
     );
   }
   tf.env().set("WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE", 15);
+  wrapWebGpuApi();
+  for (const [label, f] of [["forward", forward], ["train", step]] as const) {
+    await f();
+    apiTime.clear();
+    const t0 = performance.now();
+    await f();
+    const wall = performance.now() - t0;
+    const rows = [...apiTime.entries()].sort((a, b) => b[1].ms - a[1].ms);
+    const inApi = rows.reduce((s, [, r]) => s + r.ms, 0);
+    out[`${label}Api`] = { wall, inApi, rows };
+    console.log(
+      `\n${label}: wall ${wall.toFixed(1)} ms, of which ${
+        inApi.toFixed(1)
+      } ms inside WebGPU calls`,
+    );
+    for (const [k, r] of rows.slice(0, 12)) {
+      console.log(
+        `  ${r.ms.toFixed(2).padStart(8)} ms  ${
+          String(r.count).padStart(5)
+        }x  ${k}`,
+      );
+    }
+  }
   for (const [label, f] of [["forward", forward], ["train", step]] as const) {
     const p = await profileRows(f);
     out[`${label}Profile`] = p;
