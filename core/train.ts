@@ -133,7 +133,9 @@ export function clipGradNorm(
   const [norm, ...clipped] = tf.tidy(() => {
     const sumSq = keys.length === 0
       ? tf.scalar(0)
-      : tf.addN(keys.map((k) => tf.sum(tf.square(grads.get(k)!))));
+      // tf.stack, not tf.addN: tfjs's WebGPU AddN silently adds only the
+      // first maxStorageBuffersPerShaderStage - 1 inputs (7 of them).
+      : tf.sum(tf.stack(keys.map((k) => tf.sum(tf.square(grads.get(k)!)))));
     const total = tf.sqrt(sumSq);
     const coef = tf.minimum(tf.div(maxNorm, tf.add(total, 1e-6)), 1);
     return [total, ...keys.map((k) => tf.mul(grads.get(k)!, coef))];

@@ -1,0 +1,166 @@
+/**
+ * The WebGPU path against the cpu backend: the same UNet weights and the
+ * same draws must give the same forward pass and the same training steps
+ * within float32 tolerance. The cpu backend computes with tfjs's own
+ * kernels, so this checks every WebGPU-only piece (the upload path and any
+ * custom WebGPU program) against an independent implementation. Runs on
+ * Mesa's llvmpipe here; skipped where no WebGPU adapter exists.
+ */
+import assert from "node:assert/strict";
+import { initBackend, tf } from "../core/backend.ts";
+import { makeSchedule } from "../core/schedule.ts";
+import { Trainer, type TrainerOptions } from "../core/train.ts";
+import { UNet } from "../core/unet.ts";
+import { randoms, relErr } from "./_util.ts";
+
+const hasWebGpu = (globalThis.navigator as Navigator | undefined)?.gpu !==
+  undefined;
+
+interface Run {
+  eps: Float32Array;
+  losses: number[];
+  norms: number[];
+  params: Map<string, Float32Array>;
+  ema: Map<string, Float32Array>;
+  m: Map<string, Float32Array>;
+}
+
+/** A forward pass and `steps` training steps of a base-16 UNet (two channels per GroupNorm group, so that no gradient is zero by symmetry) on `backend`. */
+async function run(
+  backend: "cpu" | "webgpu",
+  steps: number,
+  options: TrainerOptions,
+): Promise<Run | null> {
+  const got = await initBackend(backend);
+  if (got.backend !== backend) return null;
+  tf.engine().startScope();
+  try {
+    const unet = new UNet({ base: 16, seed: 3 });
+    const schedule = makeSchedule({ T: 1000 });
+    const x = tf.tensor4d(
+      Array.from(randoms(2 * 8 * 8, 11), (v) => Math.max(-1, Math.min(1, v))),
+      [2, 8, 8, 1],
+    );
+    const t = tf.tensor1d([17, 901], "int32");
+    const eps = await unet.predict(x, t).data() as Float32Array;
+    const x0 = tf.tensor4d(
+      Array.from(randoms(4 * 8 * 8, 12), (v) => Math.max(-1, Math.min(1, v))),
+      [4, 8, 8, 1],
+    );
+    const trainer = new Trainer(unet, schedule, { seed: 5, ...options });
+    const losses: number[] = [];
+    const norms: number[] = [];
+    for (let i = 0; i < steps; i++) {
+      const r = await trainer.trainStep(x0);
+      losses.push(r.loss);
+      norms.push(r.gradNorm);
+    }
+    const read = async (m: ReadonlyMap<string, tf.Tensor>) => {
+      const out = new Map<string, Float32Array>();
+      for (const [k, v] of m) out.set(k, await v.data() as Float32Array);
+      return out;
+    };
+    const state = trainer.getState();
+    const result: Run = {
+      eps,
+      losses,
+      norms,
+      params: await read(unet.params),
+      ema: trainer.ema === null ? new Map() : await read(trainer.ema.params),
+      m: await read(state.optimizer.expAvg),
+    };
+    trainer.dispose();
+    unet.dispose();
+    schedule.dispose();
+    return result;
+  } finally {
+    tf.engine().endScope();
+    await initBackend("cpu");
+  }
+}
+
+/**
+ * Each tensor of `a` close to `b`'s relative to the larger of its own norm
+ * and `floor` times the largest norm in `b` (gradients of biases that a
+ * GroupNorm follows are rounding noise around zero).
+ */
+function assertMapsClose(
+  a: Map<string, Float32Array>,
+  b: Map<string, Float32Array>,
+  tol: number,
+  what: string,
+  floor = 0,
+): void {
+  assert.deepEqual([...a.keys()], [...b.keys()], `${what}: keys`);
+  const norm = (v: Float32Array) => Math.hypot(...v);
+  const largest = Math.max(...[...b.values()].map(norm));
+  for (const [k, v] of a) {
+    const ref = b.get(k)!;
+    const diff = norm(v.map((x, i) => x - ref[i]));
+    const scale = Math.max(norm(ref), floor * largest);
+    assert.ok(
+      diff <= tol * scale,
+      `${what} ${k}: error ${diff} against scale ${scale}`,
+    );
+  }
+}
+
+Deno.test({
+  name:
+    "uploads round-trip float32, int32 and bool on webgpu, pooled buffers included",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    try {
+      for (let round = 0; round < 3; round++) {
+        const f = tf.tensor1d([1.5, -2, 3e-8, round]);
+        const i = tf.tensor1d([7, -1, 2 ** 30, round], "int32");
+        const b = tf.tensor1d([true, false, true, round === 1], "bool");
+        // Through a kernel, so that the data must live on the GPU.
+        const f2 = tf.add(f, 0);
+        const i2 = tf.add(i, 0);
+        const b2 = tf.logicalAnd(b, true);
+        assert.deepEqual(
+          [...await f2.data()],
+          [...new Float32Array([1.5, -2, 3e-8, round])],
+        );
+        assert.deepEqual([...await i2.data()], [7, -1, 2 ** 30, round]);
+        assert.deepEqual([...await b2.data()], [1, 0, 1, round === 1 ? 1 : 0]);
+        tf.dispose([f, i, b, f2, i2, b2]);
+      }
+    } finally {
+      await initBackend("cpu");
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu forward pass and training steps equal the cpu backend's",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    const options: TrainerOptions = {
+      optimizer: { lr: 1e-3 },
+      ema: { decay: 0.9, mode: "constant" },
+    };
+    const gpu = await run("webgpu", 3, options);
+    if (gpu === null) return;
+    const cpu = (await run("cpu", 3, options))!;
+    assert.ok(relErr(gpu.eps, cpu.eps) < 1e-4, "forward pass");
+    for (let i = 0; i < cpu.losses.length; i++) {
+      assert.ok(
+        Math.abs(gpu.losses[i] - cpu.losses[i]) < 1e-4 * cpu.losses[i],
+        `loss ${i}: ${gpu.losses[i]} vs ${cpu.losses[i]}`,
+      );
+      assert.ok(
+        Math.abs(gpu.norms[i] - cpu.norms[i]) < 1e-3 * cpu.norms[i],
+        `gradient norm ${i}: ${gpu.norms[i]} vs ${cpu.norms[i]}`,
+      );
+    }
+    // AdamW's first steps move each weight by about lr sign(g): compare
+    // the moments and the weights' change rather than the weights alone.
+    assertMapsClose(gpu.m, cpu.m, 2e-3, "first moment", 1e-3);
+    assertMapsClose(gpu.params, cpu.params, 1e-4, "weights");
+    assertMapsClose(gpu.ema, cpu.ema, 1e-4, "EMA weights");
+  },
+});
