@@ -38,6 +38,8 @@ async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
 /** Host time spent inside WebGPU API calls, by method, while wrapped. */
 const apiTime = new Map<string, { count: number; ms: number }>();
 let apiWrapped = false;
+/** Whether the wrappers time calls (off: they only forward them). */
+let apiOn = false;
 
 /** Wrap the WebGPU classes' methods to count calls and time them. */
 function wrapWebGpuApi(): void {
@@ -63,6 +65,7 @@ function wrapWebGpuApi(): void {
       const f = d.value as (...a: unknown[]) => unknown;
       const key = `${cls}.${name}`;
       proto[name] = function (this: unknown, ...a: unknown[]) {
+        if (!apiOn) return f.apply(this, a);
         const t0 = performance.now();
         const r = f.apply(this, a);
         const row = apiTime.get(key) ?? { count: 0, ms: 0 };
@@ -174,6 +177,28 @@ async function main(args: string[]): Promise<number> {
     );
   }
 
+  // Where the host time of a chain of large element-wise kernels goes.
+  wrapWebGpuApi();
+  apiOn = true;
+  apiTime.clear();
+  const big = await dispatchCost(262144, 300);
+  const chain = [...apiTime.entries()].sort((a, b) => b[1].ms - a[1].ms);
+  out.chainApi = { perDispatchUs: big.totalUs, rows: chain };
+  console.log(
+    `add chain of 262144 floats, API wrapped: ${
+      big.totalUs.toFixed(1)
+    } us per dispatch; calls (3 reps x 300):`,
+  );
+  for (const [k, r] of chain.slice(0, 8)) {
+    console.log(
+      `  ${r.ms.toFixed(2).padStart(8)} ms  ${
+        String(r.count).padStart(5)
+      }x  ${k}`,
+    );
+  }
+  apiTime.clear();
+  apiOn = false;
+
   const schedule = makeSchedule({ T: 1000 });
   const unet = new UNet({ base, seed: 1 });
   const xf = tf.tidy(() =>
@@ -226,7 +251,7 @@ async function main(args: string[]): Promise<number> {
     );
   }
   tf.env().set("WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE", 15);
-  wrapWebGpuApi();
+  apiOn = true;
   for (const [label, f] of [["forward", forward], ["train", step]] as const) {
     await f();
     apiTime.clear();
@@ -249,6 +274,7 @@ async function main(args: string[]): Promise<number> {
       );
     }
   }
+  apiOn = false;
   for (const [label, f] of [["forward", forward], ["train", step]] as const) {
     const p = await profileRows(f);
     out[`${label}Profile`] = p;
