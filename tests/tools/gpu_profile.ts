@@ -9,6 +9,8 @@
  *
  * ```sh
  * deno run -A tests/tools/gpu_profile.ts --base 64 --train-batch 64 --json out.json
+ * # forward passes only, for a sampling profiler:
+ * deno run -A --v8-flags=--prof tests/tools/gpu_profile.ts --loop 30
  * ```
  *
  * @module
@@ -140,6 +142,7 @@ async function main(args: string[]): Promise<number> {
       "train-batch": { type: "string", default: "64" },
       reps: { type: "string", default: "5" },
       batches: { type: "string", default: "15,64,512" },
+      loop: { type: "string" },
       json: { type: "string" },
     },
   });
@@ -229,6 +232,19 @@ async function main(args: string[]): Promise<number> {
     await trainer.trainStep(x0);
     await trainer.ema!.params.get("out_conv.bias")!.data();
   };
+  if (values.loop !== undefined) {
+    // Only forward passes, e.g. under a sampling profiler.
+    await forward();
+    const n = Number(values.loop);
+    const t1 = performance.now();
+    for (let i = 0; i < n; i++) await forward();
+    console.log(
+      `${n} forward passes: ${
+        ((performance.now() - t1) / n).toFixed(1)
+      } ms each`,
+    );
+    return 0;
+  }
   const t0 = performance.now();
   await forward();
   await step();
