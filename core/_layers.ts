@@ -5,6 +5,7 @@
  */
 import { tf } from "./backend.ts";
 import { spatialSum } from "./_reduce.ts";
+import { gpuNormAct, gpuNormGrad, gpuNormStats } from "./_webgpu_norm.ts";
 
 /**
  * The reference's sinusoidal timestep embedding: with half = dim / 2 and
@@ -104,12 +105,21 @@ function groupMean(
   return tf.reshape(tf.tile(g, [1, 1, per]), [n, 1, 1, c]);
 }
 
-/** GroupNorm's per-(image, group) statistics, broadcast to the channels. */
+/**
+ * GroupNorm's per-(image, group) statistics, broadcast to the channels; on
+ * WebGPU packed instead, both fields holding the same `[N, groups, 2]`
+ * tensor of (mean, r) pairs that core/_webgpu_norm.ts's programs read.
+ */
 export interface NormStats {
-  /** Group means, `[N, 1, 1, C]`. */
-  mean: tf.Tensor4D;
-  /** 1 / sqrt(group variance + eps), `[N, 1, 1, C]`. */
-  r: tf.Tensor4D;
+  /** Group means, `[N, 1, 1, C]` (WebGPU: the packed statistics). */
+  mean: tf.Tensor;
+  /** 1 / sqrt(group variance + eps), `[N, 1, 1, C]` (WebGPU: the packed statistics). */
+  r: tf.Tensor;
+}
+
+/** Whether the norm runs as core/_webgpu_norm.ts's programs. */
+function onWebGpu(): boolean {
+  return tf.getBackend() === "webgpu";
 }
 
 /**
@@ -119,13 +129,17 @@ export interface NormStats {
  * @param x `[N, H, W, C]`, C divisible by `groups`.
  * @param groups Number of groups.
  * @param eps Added to the variance.
- * @returns Mean and r, broadcast to `[N, 1, 1, C]`.
+ * @returns Mean and r, broadcast to `[N, 1, 1, C]` (packed on WebGPU, see {@linkcode NormStats}).
  */
 export function normStats(
   x: tf.Tensor4D,
   groups: number,
   eps: number,
 ): NormStats {
+  if (onWebGpu()) {
+    const packed = gpuNormStats(x, groups, eps);
+    return { mean: packed, r: packed };
+  }
   return tf.tidy(() => {
     const [, h, w, c] = x.shape;
     const count = h * w * (c / groups);
@@ -154,6 +168,9 @@ export function normActApply(
   stats: NormStats,
   act: boolean,
 ): tf.Tensor4D {
+  if (onWebGpu()) {
+    return gpuNormAct(x, stats.mean, gamma, beta, act);
+  }
   return tf.tidy(() => {
     // (x - mean) (r gamma) + beta, with the per-channel factors folded first.
     const y = tf.add(
@@ -190,6 +207,9 @@ export function normActGrad(
   groups: number,
   act: boolean,
 ): [tf.Tensor4D, tf.Tensor1D, tf.Tensor1D] {
+  if (onWebGpu()) {
+    return gpuNormGrad(x, stats.mean, gamma, beta, dz, groups, act);
+  }
   return tf.tidy(() => {
     const [, h, w, c] = x.shape;
     const count = h * w * (c / groups);
