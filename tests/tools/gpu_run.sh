@@ -1,16 +1,22 @@
 #!/bin/sh
-# The performance comparison on a machine with an NVIDIA GPU: the
-# reference PyTorch script (tests/reference/bench_reference.py, float32, TF32
-# off) and this library on WebGPU, at the sizes (UNet base 64,
-# forward batch 16, training batch 64, DDIM 10 steps on 8 images), then at
-# base 32, after a per-kernel profile of the WebGPU step
-# (tests/tools/gpu_profile.ts). Needs out/gpu/ from tests/tools/gpu_pack.sh
-# (Deno and the bundled tools; the machine needs no package registry) and
-# python3 with PyTorch. Where the machine has no Vulkan loader, put the
-# Debian packages libvulkan1 (and the GL ones) as .deb files in .gl/ and
-# carry that folder too: they are unpacked first. Writes table.md,
-# profile.json, deno*.json, torch*.json and gpu.txt to OUTDIR (default:
-# $OUT, else out/gpu/results) and prints the tables.
+# The performance comparison on a machine with an NVIDIA GPU, in order of
+# value (a run cut short keeps what it did):
+#   1. a per-kernel and per-API-call profile of the WebGPU forward pass and
+#      training step (tests/tools/gpu_profile.ts), base 64;
+#   2. the reference PyTorch script (tests/reference/bench_reference.py,
+#      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
+#      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
+#      images), then base 32;
+#   3. a V8 sampling profile of forward passes (v8.log.xz; read it with
+#      `node --prof-process`);
+#   4. the command line's main job on the GPU: a short training run on
+#      mnist-lite and DDIM sampling from its checkpoint.
+# Needs out/gpu/ from tests/tools/gpu_pack.sh (Deno and the bundled tools;
+# the machine needs no package registry) and python3 with PyTorch. Where the
+# machine has no Vulkan loader, put the Debian packages libvulkan1 (and the
+# GL ones) as .deb files in .gl/ and carry that folder too: they are
+# unpacked first. Writes its results to OUTDIR (default: $OUT, else
+# out/gpu/results) and prints the tables.
 #
 #   sh tests/tools/gpu_run.sh [OUTDIR]
 set -u
@@ -28,33 +34,51 @@ fi
 export DENO_WEBGPU_BACKEND="${DENO_WEBGPU_BACKEND:-vulkan}"
 bin="$(mktemp -d)"
 xz -dc out/gpu/deno.xz > "$bin/deno" && chmod +x "$bin/deno" || exit 1
+xz -dc out/gpu/cli.js.xz > "$bin/cli.js" || exit 1
+deno="$bin/deno"
 export DENO_DIR="$bin/cache" DENO_NO_UPDATE_CHECK=1 XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1
-  ldconfig -p | grep -c libvulkan | sed 's/^/libvulkan entries: /'
-  echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
-  "$bin/deno" --version | head -1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  lscpu | grep "Model name"
+  "$deno" --version | head -1
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
 } > "$out/gpu.txt"
 cat "$out/gpu.txt"
 
-echo "== WebGPU kernel profile, base 64"
-timeout 150 "$bin/deno" run -A out/gpu/gpu_profile.js --base 64 \
-  --forward-batch 16 --train-batch 64 --reps 5 --json "$out/profile.json" \
-  2>&1 | tee "$out/profile.txt" || echo "profile failed"
+echo "== 1. WebGPU profile, base 64"
+timeout 150 "$deno" run -A out/gpu/gpu_profile.js --base 64 \
+  --forward-batch 16 --train-batch 64 --reps 5 --batches 15 \
+  --json "$out/profile.json" > "$out/profile.txt" 2>&1 || echo "profile failed"
+grep -v "^ .*x  [A-Za-z0-9]* \[" "$out/profile.txt"
 
 for base in 64 32; do
-  echo "== base $base: PyTorch"
-  timeout 120 python3 tests/reference/bench_reference.py --base "$base" \
+  echo "== 2. base $base: PyTorch"
+  timeout 90 python3 tests/reference/bench_reference.py --base "$base" \
     --forward-batch 16 --train-batch 64 --sample-batch 8 --sample-steps 10 \
-    --reps 5 --json "$out/torch$base.json" || echo "PyTorch run failed"
-  echo "== base $base: Deno on WebGPU"
+    --reps 10 --json "$out/torch$base.json" || echo "PyTorch run failed"
+  echo "== 2. base $base: Deno on WebGPU"
   torch_arg=""
   [ -f "$out/torch$base.json" ] && torch_arg="--torch $out/torch$base.json"
   # shellcheck disable=SC2086
-  timeout 150 "$bin/deno" run -A out/gpu/perf_table.js --backends webgpu \
+  timeout 150 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base "$base" --forward-batch 16 --train-batch 64 --sample-batch 8 \
     --sample-steps 10 --reps 5 $torch_arg --json "$out/deno$base.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
   echo >> "$out/table.md"
 done
+
+echo "== 3. V8 profile of forward passes"
+(cd "$bin" && timeout 60 "$deno" run -A \
+  --v8-flags=--prof,--logfile=v8.log,--no-logfile-per-isolate \
+  "$OLDPWD/out/gpu/gpu_profile.js" --base 64 --forward-batch 16 --loop 30 &&
+  xz -T0 -3 -c v8.log > "$out/v8.log.xz") || echo "V8 profile failed"
+
+echo "== 4. main job: train 90 s on mnist-lite, then sample"
+run="$bin/run"
+timeout 150 "$deno" run -A "$bin/cli.js" train --dataset mnist-lite \
+  --time-limit 1.5 --out "$run" --no-samples 2>&1 | tail -4
+timeout 90 "$deno" run -A "$bin/cli.js" sample \
+  --checkpoint "$run/checkpoint.safetensors" --steps 20 --seed 0 \
+  --out "$out/main_job_samples.png" 2>&1 | tail -3
+cp "$run/metrics.jsonl" "$out/main_job_metrics.jsonl" 2>/dev/null
+true
