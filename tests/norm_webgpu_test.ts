@@ -47,6 +47,7 @@ async function compute(backend: "cpu" | "webgpu"): Promise<Result[] | null> {
   const got = await initBackend(backend);
   if (got.backend !== backend) return null;
   const results: Result[] = [];
+  const before = tf.memory().numTensors;
   for (const [i, [shape, groups]] of CASES.entries()) {
     const k = inputs(shape, 10 * i + 1);
     const c = shape[3];
@@ -86,6 +87,7 @@ async function compute(backend: "cpu" | "webgpu"): Promise<Result[] | null> {
     tf.dispose([x, gamma, beta, dz]);
     results.push({ stats, outs });
   }
+  assert.equal(tf.memory().numTensors, before, `${backend}: tensors leaked`);
   return results;
 }
 
@@ -119,13 +121,9 @@ Deno.test("GroupNorm(+SiLU) on WebGPU: statistics, values and gradients equal th
   const cpu = (await compute("cpu"))!;
   for (const [i, [shape, groups]] of CASES.entries()) {
     const f64 = statsF64(shape, groups, inputs(shape, 10 * i + 1).x);
+    const both = [["webgpu", gpu[i].stats], ["cpu", cpu[i].stats]] as const;
     for (let j = 0; j < f64.length; j++) {
-      for (
-        const [name, got] of [["webgpu", gpu[i].stats], [
-          "cpu",
-          cpu[i].stats,
-        ]] as const
-      ) {
+      for (const [name, got] of both) {
         const err = Math.abs(got[j] - f64[j]) / Math.abs(f64[j]);
         assert.ok(
           err < 1e-5,
