@@ -28,9 +28,13 @@
  * exactly as diffusers' `get_decay`; in `"constant"` mode it is floored at
  * `minDecay` too (which only matters if minDecay > decay).
  *
+ * On WebGPU each tensor's update is one fused program
+ * (core/_webgpu_optim.ts) instead of three tfjs ops and an upload.
+ *
  * @module
  */
 import { tf } from "./backend.ts";
+import { emaStep } from "./_webgpu_optim.ts";
 
 /** How the EMA decay grows with the number of updates; see the module notes. */
 export type EmaDecayMode = "constant" | "warmup" | "ramp";
@@ -215,10 +219,15 @@ export class Ema {
     }
     const n = this.#optimizationStep + 1;
     const d = emaDecay(n, this.config);
+    const fused = tf.getBackend() === "webgpu";
     tf.tidy(() => {
       for (const [key, e] of this.params) {
         const p = params.get(key)!;
-        e.assign(tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)));
+        e.assign(
+          fused && p.dtype === "float32"
+            ? emaStep(e, p, d)
+            : tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)),
+        );
       }
     });
     this.#optimizationStep = n;

@@ -20,9 +20,23 @@
  *    denom = sqrt(v) / sqrt(1 - beta2^t) + eps
  * 4. update: p = p - stepSize m / denom
  *
+ * On WebGPU, when every parameter has a gradient, the step runs as a few
+ * fused programs (core/_webgpu_optim.ts) over the gradients concatenated
+ * into one vector, and the moments are kept packed in one variable
+ * `[m of every parameter | v of every parameter]` (parameter order);
+ * {@linkcode AdamW.getState} still hands them out per key. Elsewhere each
+ * parameter takes the tfjs ops below, with the moments kept per key.
+ *
  * @module
  */
 import { tf } from "./backend.ts";
+import {
+  adamwMoments,
+  adamwParam,
+  type FlatClip,
+  flattenInOrder,
+  STEP_FLAT,
+} from "./_webgpu_optim.ts";
 
 /** Hyper-parameters of {@linkcode AdamW}. */
 export interface AdamWConfig {
@@ -82,6 +96,11 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
 
+/** Whether the fused WebGPU programs of core/_webgpu_optim.ts apply. */
+function onWebGpu(): boolean {
+  return tf.getBackend() === "webgpu";
+}
+
 /**
  * The AdamW optimizer over a map of variables, as `torch.optim.AdamW`.
  *
@@ -109,8 +128,17 @@ export class AdamW {
   /** The parameters this optimizer updates, in place. */
   readonly params: ReadonlyMap<string, tf.Variable>;
   #step = 0;
+  /** The moments per key (the tfjs-op path); empty while they are packed. */
   #expAvg = new Map<string, tf.Variable>();
   #expAvgSq = new Map<string, tf.Variable>();
+  /** The moments packed as [m | v] (the fused WebGPU path), or null while per key. */
+  #packed: tf.Variable | null = null;
+  /** Where each parameter starts in either half of the packed moments. */
+  #starts = new Map<string, number>();
+  /** The number of parameter elements: the length of either half. */
+  #total = 0;
+  /** Whether the moments can be packed (some elements, all float32). */
+  #packable: boolean;
 
   /**
    * Make an optimizer over `params`, with zero moments.
@@ -126,6 +154,18 @@ export class AdamW {
     checkConfig(full);
     this.config = Object.freeze(full);
     this.params = params;
+    for (const [key, p] of params) {
+      this.#starts.set(key, this.#total);
+      this.#total += p.size;
+    }
+    this.#packable = this.#total > 0 &&
+      [...params.values()].every((p) => p.dtype === "float32");
+    if (onWebGpu() && this.#packable) {
+      this.#packed = tf.tidy(() =>
+        tf.variable(tf.zeros([2 * this.#total]), false)
+      );
+      return;
+    }
     for (const [key, p] of params) {
       this.#expAvg.set(key, tf.tidy(() => tf.variable(tf.zerosLike(p), false)));
       this.#expAvgSq.set(
@@ -174,6 +214,18 @@ export class AdamW {
         );
       }
     }
+    if (
+      onWebGpu() && this.#packable && grads.size === this.params.size
+    ) {
+      const flat = flattenInOrder(grads, [...this.params.keys()]);
+      try {
+        this[STEP_FLAT](flat, null);
+      } finally {
+        flat.dispose();
+      }
+      return;
+    }
+    this.#unpack();
     const { lr, beta1, beta2, eps, weightDecay } = this.config;
     const t = this.#step + 1;
     const stepSize = lr / (1 - beta1 ** t);
@@ -198,6 +250,94 @@ export class AdamW {
   }
 
   /**
+   * The fused WebGPU step (core/_webgpu_optim.ts): every parameter, with
+   * gradients concatenated in parameter order, clipped first by `clip`.
+   * The Trainer calls it; kept off the public API by its symbol key.
+   */
+  [STEP_FLAT](flat: tf.Tensor, clip: FlatClip | null): void {
+    if (flat.size !== this.#total || !this.#packable) {
+      throw new TypeError(
+        `Cannot take fused AdamW step: the flat gradients do not cover the parameters (got ${flat.size} elements, expected ${this.#total} float32 ones)`,
+      );
+    }
+    this.#pack();
+    const packed = this.#packed!;
+    const { lr, beta1, beta2, eps, weightDecay } = this.config;
+    const t = this.#step + 1;
+    const update = {
+      decay: weightDecay === 0 ? 1 : 1 - lr * weightDecay,
+      biasCorrection2Sqrt: Math.sqrt(1 - beta2 ** t),
+      eps,
+      stepSize: lr / (1 - beta1 ** t),
+    };
+    tf.tidy(() => {
+      packed.assign(adamwMoments(flat, packed, { beta1, beta2 }, clip));
+      for (const [key, p] of this.params) {
+        const at = { start: this.#starts.get(key)!, total: this.#total };
+        p.assign(adamwParam(p, packed, at, update));
+      }
+    });
+    this.#step = t;
+  }
+
+  /** Move per-key moments into the packed variable (no-op when packed). */
+  #pack(): void {
+    if (this.#packed !== null) return;
+    const keys = [...this.params.keys()];
+    this.#packed = tf.tidy(() =>
+      tf.variable(
+        tf.concat([
+          ...keys.map((k) => tf.reshape(this.#expAvg.get(k)!, [-1])),
+          ...keys.map((k) => tf.reshape(this.#expAvgSq.get(k)!, [-1])),
+        ]),
+        false,
+      )
+    );
+    for (const v of this.#expAvg.values()) v.dispose();
+    for (const v of this.#expAvgSq.values()) v.dispose();
+    this.#expAvg.clear();
+    this.#expAvgSq.clear();
+  }
+
+  /** Move packed moments into per-key variables (no-op when per key). */
+  #unpack(): void {
+    if (this.#packed === null) return;
+    const half = this.#moments(0);
+    const halfSq = this.#moments(1);
+    for (const [key, m] of half) {
+      this.#expAvg.set(key, tf.variable(m, false));
+      this.#expAvgSq.set(key, tf.variable(halfSq.get(key)!, false));
+    }
+    tf.dispose([...half.values(), ...halfSq.values()]);
+    this.#packed.dispose();
+    this.#packed = null;
+  }
+
+  /** New per-key copies of the first (0) or second (1) moments, from either layout. */
+  #moments(which: 0 | 1): Map<string, tf.Tensor> {
+    const packed = this.#packed;
+    if (packed === null) {
+      const m = which === 0 ? this.#expAvg : this.#expAvgSq;
+      return new Map(
+        [...m].map(([k, v]) => [k, tf.clone(v)] as [string, tf.Tensor]),
+      );
+    }
+    return new Map(
+      [...this.params].map(([k, p]) => [
+        k,
+        tf.tidy(() =>
+          tf.reshape(
+            tf.slice(packed, [which * this.#total + this.#starts.get(k)!], [
+              p.size,
+            ]),
+            p.shape,
+          )
+        ),
+      ]),
+    );
+  }
+
+  /**
    * Copy out the optimizer state (hyper-parameters, step, moments) to save it.
    *
    * @returns The state; its tensors are copies the caller owns and must dispose.
@@ -216,13 +356,11 @@ export class AdamW {
    * ```
    */
   getState(): AdamWState {
-    const copy = (m: Map<string, tf.Variable>) =>
-      new Map([...m].map(([k, v]) => [k, tf.clone(v)] as [string, tf.Tensor]));
     return {
       config: { ...this.config },
       step: this.#step,
-      expAvg: copy(this.#expAvg),
-      expAvgSq: copy(this.#expAvgSq),
+      expAvg: this.#moments(0),
+      expAvgSq: this.#moments(1),
     };
   }
 
@@ -264,10 +402,12 @@ export class AdamW {
         `Cannot restore AdamW state: step must be a non-negative integer (got ${state.step})`,
       );
     }
+    // The moments are shaped as the parameters, in either layout.
+    const dst = this.params;
     for (
-      const [name, src, dst] of [
-        ["expAvg", state.expAvg, this.#expAvg],
-        ["expAvgSq", state.expAvgSq, this.#expAvgSq],
+      const [name, src] of [
+        ["expAvg", state.expAvg],
+        ["expAvgSq", state.expAvgSq],
       ] as const
     ) {
       for (const [key, v] of dst) {
@@ -286,6 +426,20 @@ export class AdamW {
           `Cannot restore AdamW state: ${name} has a key no parameter has (got "${extra}", expected ${dst.size} keys)`,
         );
       }
+    }
+    const packed = this.#packed;
+    if (packed !== null) {
+      const keys = [...this.params.keys()];
+      const flat = (k: string, m: ReadonlyMap<string, tf.Tensor>) =>
+        tf.reshape(tf.cast(m.get(k)!, "float32"), [-1]);
+      tf.tidy(() => {
+        packed.assign(tf.concat([
+          ...keys.map((k) => flat(k, state.expAvg)),
+          ...keys.map((k) => flat(k, state.expAvgSq)),
+        ]));
+      });
+      this.#step = state.step;
+      return;
     }
     tf.tidy(() => {
       for (const [key, v] of this.#expAvg) {
@@ -313,6 +467,8 @@ export class AdamW {
    * ```
    */
   dispose(): void {
+    this.#packed?.dispose();
+    this.#packed = null;
     for (const v of this.#expAvg.values()) v.dispose();
     for (const v of this.#expAvgSq.values()) v.dispose();
     this.#expAvg.clear();

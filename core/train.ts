@@ -19,12 +19,23 @@
  * 4. read loss and norm (the one device read); a non-finite one stops here
  * 5. AdamW step, then EMA update
  *
+ * On WebGPU, step 3 only computes the norm (over the gradients concatenated
+ * into one vector) and the clipping is folded into step 5's fused AdamW
+ * programs (core/_webgpu_optim.ts); the numbers are the same up to float32
+ * rounding.
+ *
  * @module
  */
 import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { AdamW, type AdamWConfig, type AdamWState } from "./optim.ts";
 import { Ema, type EmaConfig, type EmaState } from "./ema.ts";
+import {
+  clipScale,
+  flatNorm,
+  flattenInOrder,
+  STEP_FLAT,
+} from "./_webgpu_optim.ts";
 import { qSample, type Schedule } from "./schedule.ts";
 import { UNet } from "./unet.ts";
 import {
@@ -130,6 +141,27 @@ export function clipGradNorm(
     );
   }
   const keys = [...grads.keys()];
+  if (
+    tf.getBackend() === "webgpu" && keys.length > 0 &&
+    allFloat32(grads.values())
+  ) {
+    // Two programs for the norm, one per gradient for the scaling.
+    const [norm, ...clipped] = tf.tidy(() => {
+      const total = flatNorm(flattenInOrder(grads, keys));
+      return [
+        total,
+        ...keys.map((k) =>
+          Number.isFinite(maxNorm)
+            ? clipScale(grads.get(k)!, total, maxNorm)
+            : tf.clone(grads.get(k)!)
+        ),
+      ];
+    });
+    return {
+      grads: new Map(keys.map((k, i) => [k, clipped[i]])),
+      norm: norm as tf.Scalar,
+    };
+  }
   const [norm, ...clipped] = tf.tidy(() => {
     const sumSq = keys.length === 0
       ? tf.scalar(0)
@@ -229,6 +261,22 @@ function resolveWorkers(
 interface LossAndGrads {
   loss: tf.Scalar;
   grads: Map<string, tf.Tensor>;
+}
+
+/** Step 3's result: what to read, and the optimizer step that uses the clipped gradients. */
+interface Clipped {
+  /** [loss, pre-clip gradient norm]. */
+  stats: tf.Tensor1D;
+  /** The AdamW step with the clipped gradients. */
+  step(): void;
+  /** Free the stats and the gradients. */
+  dispose(): void;
+}
+
+/** Whether every tensor is float32 (the fused WebGPU programs' one type). */
+function allFloat32(ts: Iterable<tf.Tensor>): boolean {
+  for (const t of ts) if (t.dtype !== "float32") return false;
+  return true;
 }
 
 /**
@@ -416,29 +464,18 @@ export class Trainer {
       ? this.#lossAndGrads(x0, timesteps, noiseSeed)
       : await this.#parallelLossAndGrads(x0, timesteps, noiseSeed);
     // 3: clipping.
-    const { stats, grads } = tf.tidy(() => {
-      const { grads, norm } = clipGradNorm(raw.grads, this.maxGradNorm);
-      return {
-        stats: tf.stack([raw.loss, norm]),
-        grads: Object.fromEntries(grads),
-      };
-    });
-    raw.loss.dispose();
-    disposeMap(raw.grads);
-    const gradMap = new Map(Object.entries(grads));
+    const clipped = this.#clip(raw);
     // 4: the one read; nothing has changed yet.
     let values: Float32Array;
     try {
-      values = await stats.data() as Float32Array;
+      values = await clipped.stats.data() as Float32Array;
     } catch (e) {
-      stats.dispose();
-      disposeMap(gradMap);
+      clipped.dispose();
       throw e;
     }
-    stats.dispose();
     const [loss, gradNorm] = values;
     if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
-      disposeMap(gradMap);
+      clipped.dispose();
       const what = Number.isFinite(loss) ? "gradient norm" : "loss";
       throw new RangeError(
         `Cannot take training step ${
@@ -450,13 +487,65 @@ export class Trainer {
     }
     // 5: update the weights, then their average.
     try {
-      this.optimizer.step(gradMap);
+      clipped.step();
     } finally {
-      disposeMap(gradMap);
+      clipped.dispose();
     }
     this.ema?.update(this.model.params);
     this.#step = index + 1;
     return { step: this.#step, loss, gradNorm };
+  }
+
+  /**
+   * Step 3: the gradients' global norm and their clipping; frees `raw`.
+   *
+   * On WebGPU, when every optimizer parameter has a float32 gradient, only
+   * the norm is computed here (3 programs), over the gradients concatenated
+   * in the optimizer's order, and the clipping is folded into the fused
+   * AdamW step; elsewhere {@linkcode clipGradNorm} and `AdamW.step`.
+   */
+  #clip(raw: LossAndGrads): Clipped {
+    const keys = [...this.optimizer.params.keys()];
+    const fused = tf.getBackend() === "webgpu" && keys.length > 0 &&
+      raw.grads.size === keys.length &&
+      keys.every((k) =>
+        raw.grads.get(k)?.size === this.optimizer.params.get(k)?.size
+      ) &&
+      allFloat32(raw.grads.values()) &&
+      allFloat32(this.optimizer.params.values());
+    if (fused) {
+      const { stats, flat, norm } = tf.tidy(() => {
+        const flat = flattenInOrder(raw.grads, keys);
+        const norm = flatNorm(flat);
+        return { stats: tf.stack([raw.loss, norm]) as tf.Tensor1D, flat, norm };
+      });
+      raw.loss.dispose();
+      disposeMap(raw.grads);
+      return {
+        stats,
+        step: () =>
+          this.optimizer[STEP_FLAT](flat, { norm, maxNorm: this.maxGradNorm }),
+        dispose: () => tf.dispose([stats, flat, norm]),
+      };
+    }
+    const { stats, grads } = tf.tidy(() => {
+      const { grads, norm } = clipGradNorm(raw.grads, this.maxGradNorm);
+      return {
+        stats: tf.stack([raw.loss, norm]) as tf.Tensor1D,
+        grads: Object.fromEntries(grads),
+      };
+    });
+    raw.loss.dispose();
+    disposeMap(raw.grads);
+    const gradMap = new Map(Object.entries(grads));
+    return {
+      stats,
+      step: () => this.optimizer.step(gradMap),
+      dispose: () => {
+        stats.dispose();
+        disposeMap(gradMap);
+      },
+    };
   }
 
   /** The trainable variables and the key of each, by variable name. */

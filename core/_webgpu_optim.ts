@@ -1,0 +1,350 @@
+/**
+ * Gradient clipping, AdamW and the EMA update as a handful of WebGPU
+ * programs, instead of about 13 tfjs kernels (and a scalar upload per JS
+ * number) per parameter tensor.
+ *
+ * Layout: the gradients are concatenated into one flat vector g (in the
+ * optimizer's parameter order); the AdamW moments live in one packed
+ * vector `mv = [m of every parameter | v of every parameter]`. One step is
+ *
+ * 1. the global norm of g: partial sums of squares per workgroup, then
+ *    their sum and square root (2 dispatches, {@linkcode flatNorm});
+ * 2. the new moments, with the clip coefficient
+ *    min(maxNorm / (norm + 1e-6), 1) folded in (1 dispatch,
+ *    {@linkcode adamwMoments});
+ * 3. per parameter, the new weight from the old weight and the new moments
+ *    (1 dispatch each, {@linkcode adamwParam});
+ * 4. per parameter, the EMA (1 dispatch each, {@linkcode emaStep}).
+ *
+ * Each formula is written in the same order of operations as the tfjs-op
+ * path of core/optim.ts, core/ema.ts and core/train.ts, so the results equal
+ * theirs up to float32 rounding (WGSL's division and square root are not
+ * correctly rounded, and the compiler may fuse a multiply-add).
+ *
+ * @module
+ */
+import { tf } from "./backend.ts";
+import { flatFrame, registerProgramKernel } from "./_webgpu.ts";
+
+/** Invocations per workgroup of the reducing programs (a power of two). */
+const WG = 256;
+/** Most workgroups of the first reduction pass (each strides over the vector). */
+const MAX_PARTIALS = 1024;
+
+/** WGSL: sum of one value per invocation over the workgroup (all invocations must call it). */
+const GROUP_SUM = `
+  var<workgroup> red : array<f32, ${WG}>;
+  fn groupSum(v : f32, lid : i32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = ${WG / 2}; s > 0; s = s >> 1u) {
+      if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+      workgroupBarrier();
+    }
+    return red[0];
+  }
+`;
+
+/** WGSL: the clip coefficient of core/train.ts's clipGradNorm, from `norm[0]`. */
+const CLIP_COEF = `min(uniforms.maxNorm / (norm[0] + 1e-6), 1.0)`;
+
+registerProgramKernel("DdpmSumSquaresPartial", (inputs) => {
+  const n = tf.util.sizeFromShape(inputs[0].shape);
+  const groups = Math.max(1, Math.min(MAX_PARTIALS, Math.ceil(n / WG)));
+  return {
+    program: {
+      variableNames: ["x"],
+      shaderKey: "ddpmSumSquaresPartial",
+      uniforms: "n : i32,",
+      ...flatFrame([groups], groups * WG, WG),
+      getUserCode: () => `
+  ${GROUP_SUM}
+  fn main(index : i32) {
+    let lid = i32(localId.x);
+    let grp = i32(workgroupId.x);
+    let stride = i32(numWorkgroups.x) * ${WG};
+    var s = 0.0;
+    for (var i = grp * ${WG} + lid; i < uniforms.n; i = i + stride) {
+      let v = x[i];
+      s = s + v * v;
+    }
+    let total = groupSum(s, lid);
+    if (lid == 0) { setOutputAtIndex(grp, total); }
+  }`,
+    },
+    uniforms: [{ type: "int32", data: [n] }],
+  };
+});
+
+registerProgramKernel("DdpmSqrtSum", (inputs) => {
+  const n = tf.util.sizeFromShape(inputs[0].shape);
+  return {
+    program: {
+      variableNames: ["x"],
+      shaderKey: "ddpmSqrtSum",
+      uniforms: "n : i32,",
+      ...flatFrame([], WG, WG),
+      getUserCode: () => `
+  ${GROUP_SUM}
+  fn main(index : i32) {
+    let lid = i32(localId.x);
+    var s = 0.0;
+    for (var i = lid; i < uniforms.n; i = i + ${WG}) { s = s + x[i]; }
+    let total = groupSum(s, lid);
+    if (lid == 0) { setOutputAtIndex(0, sqrt(total)); }
+  }`,
+    },
+    uniforms: [{ type: "int32", data: [n] }],
+  };
+});
+
+registerProgramKernel("DdpmClipScale", (inputs, attrs) => ({
+  program: {
+    variableNames: ["g", "norm"],
+    shaderKey: "ddpmClipScale",
+    size: true,
+    uniforms: "maxNorm : f32,",
+    ...flatFrame(inputs[0].shape),
+    getUserCode: () => `
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      setOutputAtIndex(index, g[index] * ${CLIP_COEF});
+    }
+  }`,
+  },
+  uniforms: [{ type: "float32", data: [attrs.maxNorm as number] }],
+}));
+
+registerProgramKernel("DdpmAdamWMoments", (inputs, attrs) => {
+  const clip = inputs.length === 3;
+  return {
+    program: {
+      // Every declared input must be read: WebGPU drops unread bindings.
+      variableNames: clip ? ["g", "mv", "norm"] : ["g", "mv"],
+      shaderKey: `ddpmAdamWMoments${clip ? "Clip" : ""}`,
+      size: true,
+      uniforms:
+        "total : i32, oneMinusBeta1 : f32, beta2 : f32, oneMinusBeta2 : f32," +
+        (clip ? " maxNorm : f32," : ""),
+      ...flatFrame(inputs[1].shape),
+      getUserCode: () => `
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      let n = uniforms.total;
+      let coef = ${clip ? CLIP_COEF : "1.0"};
+      if (index < n) {
+        let gi = g[index] * coef;
+        let m = mv[index];
+        setOutputAtIndex(index, m + (gi - m) * uniforms.oneMinusBeta1);
+      } else {
+        let gi = g[index - n] * coef;
+        setOutputAtIndex(index,
+          mv[index] * uniforms.beta2 + (gi * gi) * uniforms.oneMinusBeta2);
+      }
+    }
+  }`,
+    },
+    uniforms: [
+      { type: "int32", data: [tf.util.sizeFromShape(inputs[0].shape)] },
+      { type: "float32", data: [attrs.oneMinusBeta1 as number] },
+      { type: "float32", data: [attrs.beta2 as number] },
+      { type: "float32", data: [attrs.oneMinusBeta2 as number] },
+      ...(clip
+        ? [{ type: "float32" as const, data: [attrs.maxNorm as number] }]
+        : []),
+    ],
+  };
+});
+
+registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
+  program: {
+    variableNames: ["p", "mv"],
+    shaderKey: "ddpmAdamWParam",
+    size: true,
+    uniforms:
+      "start : i32, total : i32, decay : f32, biasCorrection2Sqrt : f32, eps : f32, stepSize : f32,",
+    ...flatFrame(inputs[0].shape),
+    getUserCode: () => `
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      let m = mv[uniforms.start + index];
+      let v = mv[uniforms.total + uniforms.start + index];
+      let denom = sqrt(v) / uniforms.biasCorrection2Sqrt + uniforms.eps;
+      setOutputAtIndex(index,
+        p[index] * uniforms.decay - (m / denom) * uniforms.stepSize);
+    }
+  }`,
+  },
+  uniforms: [
+    { type: "int32", data: [attrs.start as number] },
+    { type: "int32", data: [attrs.total as number] },
+    { type: "float32", data: [attrs.decay as number] },
+    { type: "float32", data: [attrs.biasCorrection2Sqrt as number] },
+    { type: "float32", data: [attrs.eps as number] },
+    { type: "float32", data: [attrs.stepSize as number] },
+  ],
+}));
+
+registerProgramKernel("DdpmEma", (inputs, attrs) => ({
+  program: {
+    variableNames: ["e", "p"],
+    shaderKey: "ddpmEma",
+    size: true,
+    uniforms: "oneMinusDecay : f32,",
+    ...flatFrame(inputs[0].shape),
+    getUserCode: () => `
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      let ei = e[index];
+      setOutputAtIndex(index, ei - (ei - p[index]) * uniforms.oneMinusDecay);
+    }
+  }`,
+  },
+  uniforms: [{ type: "float32", data: [attrs.oneMinusDecay as number] }],
+}));
+
+function run(
+  name: string,
+  inputs: Record<string, tf.Tensor>,
+  attrs: Record<string, number> = {},
+): tf.Tensor {
+  return tf.engine().runKernel(
+    name,
+    inputs as unknown as tf.NamedTensorMap,
+    attrs as unknown as tf.NamedAttrMap,
+  ) as tf.Tensor;
+}
+
+/**
+ * The gradients of `keys`, flattened and concatenated in that order (rank 1).
+ *
+ * @param grads Gradients by key; each key must be present.
+ * @param keys The order (the optimizer's parameter order).
+ * @returns A new float32 vector.
+ */
+export function flattenInOrder(
+  grads: ReadonlyMap<string, tf.Tensor>,
+  keys: readonly string[],
+): tf.Tensor1D {
+  return tf.tidy(() => {
+    const parts = keys.map((k) => tf.reshape(grads.get(k)!, [-1]));
+    // tf.concat, not tf.addN-like kernels: tfjs's WebGPU Concat splits
+    // inputs beyond its binding limit into rounds itself.
+    return (parts.length === 1
+      ? tf.clone(parts[0])
+      : tf.concat(parts)) as tf.Tensor1D;
+  });
+}
+
+/**
+ * The Euclidean norm of a vector (any shape, read flat): 2 WebGPU dispatches.
+ *
+ * @param x A float32 tensor on the WebGPU backend.
+ * @returns sqrt(sum(x^2)), a new scalar.
+ */
+export function flatNorm(x: tf.Tensor): tf.Scalar {
+  return tf.tidy(() =>
+    run("DdpmSqrtSum", { x: run("DdpmSumSquaresPartial", { x }) }) as tf.Scalar
+  );
+}
+
+/**
+ * A gradient times clipGradNorm's coefficient min(maxNorm / (norm + 1e-6), 1).
+ *
+ * @param g The gradient.
+ * @param norm The global pre-clip norm (a scalar tensor).
+ * @param maxNorm The clipping threshold (finite, positive).
+ * @returns The clipped gradient, a new tensor shaped as `g`.
+ */
+export function clipScale(
+  g: tf.Tensor,
+  norm: tf.Scalar,
+  maxNorm: number,
+): tf.Tensor {
+  return run("DdpmClipScale", { g, norm }, { maxNorm });
+}
+
+/** Clipping applied inside {@linkcode adamwMoments}: the pre-clip norm and the threshold. */
+export interface FlatClip {
+  /** The gradients' global pre-clip norm. */
+  norm: tf.Scalar;
+  /** The threshold; an infinite one means no clipping. */
+  maxNorm: number;
+}
+
+/**
+ * The new packed moments `[m | v]` from the flat gradients (clipped first when `clip` is given).
+ *
+ * @param g The flat gradients, N elements.
+ * @param mv The packed moments, 2N elements.
+ * @param betas beta1 and beta2 of AdamW.
+ * @param clip The clipping, or null.
+ * @returns The new packed moments, a new tensor shaped as `mv`.
+ */
+export function adamwMoments(
+  g: tf.Tensor,
+  mv: tf.Tensor,
+  betas: { beta1: number; beta2: number },
+  clip: FlatClip | null,
+): tf.Tensor {
+  const attrs = {
+    oneMinusBeta1: 1 - betas.beta1,
+    beta2: betas.beta2,
+    oneMinusBeta2: 1 - betas.beta2,
+  };
+  return clip === null || !Number.isFinite(clip.maxNorm)
+    ? run("DdpmAdamWMoments", { g, mv }, attrs)
+    : run("DdpmAdamWMoments", { g, mv, norm: clip.norm }, {
+      ...attrs,
+      maxNorm: clip.maxNorm,
+    });
+}
+
+/** The scalars of one AdamW weight update (see core/optim.ts). */
+export interface AdamWUpdate {
+  /** 1 - lr weightDecay (1 when weightDecay is 0). */
+  decay: number;
+  /** sqrt(1 - beta2^t). */
+  biasCorrection2Sqrt: number;
+  /** eps. */
+  eps: number;
+  /** lr / (1 - beta1^t). */
+  stepSize: number;
+}
+
+/**
+ * One parameter's new weight from its packed new moments.
+ *
+ * @param p The parameter.
+ * @param mv The new packed moments, 2 `total` elements.
+ * @param at Where p's moments start in each half, and the half's length.
+ * @param u The step's scalars.
+ * @returns The new weight, a new tensor shaped as `p`.
+ */
+export function adamwParam(
+  p: tf.Tensor,
+  mv: tf.Tensor,
+  at: { start: number; total: number },
+  u: AdamWUpdate,
+): tf.Tensor {
+  return run("DdpmAdamWParam", { p, mv }, { ...at, ...u });
+}
+
+/**
+ * One EMA update of one tensor: e - (e - p)(1 - decay).
+ *
+ * @param e The average.
+ * @param p The parameter, shaped as `e`.
+ * @param decay The decay d.
+ * @returns The new average, a new tensor shaped as `e`.
+ */
+export function emaStep(e: tf.Tensor, p: tf.Tensor, decay: number): tf.Tensor {
+  return run("DdpmEma", { e, p }, { oneMinusDecay: 1 - decay });
+}
+
+/**
+ * The key of {@linkcode AdamW}'s fused step over flat gradients: a method
+ * `(flat: tf.Tensor1D, clip: FlatClip | null) => void` for the trainer, kept
+ * off the public API.
+ */
+export const STEP_FLAT: unique symbol = Symbol("AdamW.stepFlat");
