@@ -11,7 +11,8 @@ import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { AdamW, type AdamWConfig } from "../core/optim.ts";
 import { Ema } from "../core/ema.ts";
-import { clipGradNorm } from "../core/train.ts";
+import { clipGradNorm, Trainer } from "../core/train.ts";
+import { makeSchedule } from "../core/schedule.ts";
 import { unetParamShapes } from "../core/unet.ts";
 import { flatNorm, flattenInOrder, STEP_FLAT } from "../core/_webgpu_optim.ts";
 import { randoms, relErr } from "./_util.ts";
@@ -243,4 +244,72 @@ Deno.test("one fused step of a base-64 UNet's parameter set uses at most 2 kerne
     tf.engine().endScope();
     await initBackend("cpu");
   }
+});
+
+/** Three Trainer steps of a toy model with odd-sized parameters on `backend`. */
+async function trainToy(backend: "cpu" | "webgpu") {
+  const got = await initBackend(backend);
+  if (got.backend !== backend) return null;
+  tf.engine().startScope();
+  try {
+    const a = tf.variable(tf.tensor(randoms(67, 7)));
+    const b = tf.variable(tf.tensor(randoms(3, 8)));
+    const c = tf.variable(tf.tensor(randoms(1, 9)));
+    const model = {
+      params: new Map([["a", a], ["b", b], ["c", c]]),
+      predict: (x: tf.Tensor4D) =>
+        tf.add(
+          tf.mul(x, tf.sum(tf.mul(a, a))),
+          tf.add(tf.sum(b), tf.reshape(c, [])),
+        ) as tf.Tensor4D,
+    };
+    const schedule = makeSchedule({ T: 100 });
+    const trainer = new Trainer(model, schedule, {
+      seed: 1,
+      maxGradNorm: 0.5,
+      optimizer: { lr: 1e-2, weightDecay: 0.05 },
+      ema: { decay: 0.9 },
+    });
+    const x0 = tf.tensor4d(randoms(3 * 5 * 5, 10), [3, 5, 5, 1]);
+    const norms: number[] = [];
+    norms.push((await trainer.trainStep(x0)).gradNorm);
+    const tensors = tf.memory().numTensors;
+    let kernelNames: string[] = [];
+    const info = await tf.profile(async () => {
+      norms.push((await trainer.trainStep(x0)).gradNorm);
+    });
+    kernelNames = info.kernels.map((k) => k.name);
+    norms.push((await trainer.trainStep(x0)).gradNorm);
+    const leaked = tf.memory().numTensors - tensors;
+    const state = trainer.getState();
+    const out = {
+      norms,
+      leaked,
+      kernelNames,
+      params: await read(model.params),
+      m: await read(state.optimizer.expAvg),
+      ema: await read(trainer.ema!.params),
+    };
+    trainer.dispose();
+    schedule.dispose();
+    return out;
+  } finally {
+    tf.engine().endScope();
+    await initBackend("cpu");
+  }
+}
+
+Deno.test("Trainer on WebGPU takes the fused path, matches cpu and leaks no tensors", async () => {
+  const gpu = await trainToy("webgpu");
+  if (gpu === null) return;
+  const cpu = (await trainToy("cpu"))!;
+  assert.ok(gpu.kernelNames.includes("DdpmAdamWMoments"), "fused step used");
+  assert.ok(!cpu.kernelNames.includes("DdpmAdamWMoments"));
+  assert.equal(gpu.leaked, 0);
+  assert.equal(cpu.leaked, 0);
+  assert.ok(cpu.norms.every((n) => n > 0.5), "clipping active");
+  assert.ok(relErr(gpu.norms, cpu.norms) <= 1e-5, "norms");
+  assertMapsClose(gpu.params, cpu.params, 1e-5, "params");
+  assertMapsClose(gpu.m, cpu.m, 1e-5, "m");
+  assertMapsClose(gpu.ema, cpu.ema, 1e-5, "ema");
 });
