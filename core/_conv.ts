@@ -12,7 +12,7 @@
  * | conv forward          | `tf.conv2d` with explicit symmetric padding                   |
  * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
- * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride |
+ * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
  *
  * Padding is PyTorch's: `pad` zero pixels on each side of both spatial axes.
  *
@@ -21,6 +21,7 @@
 import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
+import { webgpuFilterGrad } from "./_webgpu_conv.ts";
 
 type Shape4 = [number, number, number, number];
 type ExplicitPadding = [
@@ -214,6 +215,9 @@ function adjoint(
  * dW[i, j, c, o] = sum over n, y, x of input_pad[n, y s + i, x s + j, c] dy[n, y, x, o]:
  * a convolution over the batch axis, with the input as an `[Cin, H, W, N]`
  * image and `dy` as an `[OH, OW, N, Cout]` filter dilated by the stride.
+ * On WebGPU, where tfjs runs that convolution with few workgroups each
+ * looping over all of N OH OW, a split-K GEMM program of ours instead
+ * (core/_webgpu_conv.ts).
  */
 function filterGrad(
   input: tf.Tensor4D,
@@ -223,6 +227,9 @@ function filterGrad(
   stride: number,
   pad: number,
 ): tf.Tensor4D {
+  if (tf.getBackend() === "webgpu") {
+    return webgpuFilterGrad(input, dy, { kh, kw, stride, pad });
+  }
   return tf.tidy(() => {
     const [n, h, w, c] = input.shape;
     const [, oh, ow] = dy.shape;

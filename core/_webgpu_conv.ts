@@ -1,0 +1,313 @@
+/**
+ * The weight gradient of a convolution on WebGPU, as a split-K implicit GEMM.
+ *
+ * dW[i, j, c, o] = sum over k = (n, y, x) of
+ * input_pad[n, y s + i, x s + j, c] dy[n, y, x, o]: a GEMM with a small
+ * output (M = kh kw Cin rows, Cout columns) and a huge reduction axis
+ * (K = N OH OW, 65,536 for a batch of 64 32x32 images). tfjs runs it as a
+ * conv2d over the batch axis with few workgroups, each looping over all of
+ * K. Here:
+ *
+ * 1. `DdpmConvFilterGradPartial`: workgroup (tile of output columns, tile of
+ *    output rows, chunk s of K) stages TK x TM patches of the (implicitly
+ *    padded, never materialised) input and TK x TN rows of dy in workgroup
+ *    memory and accumulates a 4x4 block per invocation in registers; it
+ *    writes partial sums `[S, M, Cout]`. Zero padding and the ragged ends
+ *    (M, Cout, K not multiples of the tiles) are bounds checks that read 0.
+ * 2. `DdpmSplitKSum`: one invocation per output element sums the S partial
+ *    sums in a fixed order (skipped when S = 1).
+ *
+ * @module
+ */
+import { tf } from "./backend.ts";
+import { flatFrame, registerProgramKernel } from "./_webgpu.ts";
+
+/** The geometry of a weight gradient: kernel size, stride, PyTorch padding. */
+export interface FilterGradGeometry {
+  /** Kernel rows. */
+  kh: number;
+  /** Kernel columns. */
+  kw: number;
+  /** Stride along both spatial axes. */
+  stride: number;
+  /** Zero pixels on each side of both spatial axes. */
+  pad: number;
+  /**
+   * Length of each chunk of the reduction axis K = N OH OW (rounded up to a
+   * multiple of the K step, 16); default: chosen for a few hundred to a
+   * couple of thousand workgroups.
+   */
+  chunk?: number;
+}
+
+/** Rows of K staged per step. */
+const TK = 16;
+/** Workgroups to aim for (several per SM on a large GPU). */
+const TARGET_WORKGROUPS = 1024;
+/** The shortest chunk of K chosen by default (bounds the partial sums' size). */
+const MIN_CHUNK = 512;
+
+/** A tile side for an output axis of length n: 64, 32 or 16. */
+function tileFor(n: number): number {
+  return n >= 48 ? 64 : n >= 24 ? 32 : 16;
+}
+
+/** Tiles, chunking and workgroup count of one weight gradient. */
+function plan(m: number, cout: number, k: number, chunk?: number) {
+  const tm = tileFor(m);
+  const tn = tileFor(cout);
+  const tiles = Math.ceil(m / tm) * Math.ceil(cout / tn);
+  let len = chunk;
+  if (len === undefined) {
+    const parts = Math.max(
+      1,
+      Math.min(
+        Math.ceil(TARGET_WORKGROUPS / tiles),
+        Math.floor(k / MIN_CHUNK),
+      ),
+    );
+    len = Math.ceil(k / parts);
+  }
+  len = Math.max(TK, Math.ceil(len / TK) * TK);
+  return { tm, tn, chunk: len, parts: Math.ceil(k / len) };
+}
+
+function partialSource(tm: number, tn: number): string {
+  const rm = tm / 4;
+  const rn = tn / 4;
+  const threads = rm * rn;
+  // Each invocation stages TK * TM / threads input values and
+  // TK * TN / threads dy values per step, one column each.
+  const aRows = threads / tm;
+  const bRows = threads / tn;
+  return `
+  const TM = ${tm};
+  const TN = ${tn};
+  const TK = ${TK};
+  var<workgroup> tileA : array<f32, ${TK * tm}>;
+  var<workgroup> tileB : array<f32, ${TK * tn}>;
+
+  fn store(part : i32, m : i32, o : i32, v : vec4<f32>) {
+    if (m < uniforms.mTotal) {
+      let row = (part * uniforms.mTotal + m) * uniforms.cout;
+      if (o < uniforms.cout) { setOutputAtIndex(row + o, v.x); }
+      if (o + ${rn} < uniforms.cout) { setOutputAtIndex(row + o + ${rn}, v.y); }
+      if (o + ${2 * rn} < uniforms.cout) { setOutputAtIndex(row + o + ${
+    2 * rn
+  }, v.z); }
+      if (o + ${3 * rn} < uniforms.cout) { setOutputAtIndex(row + o + ${
+    3 * rn
+  }, v.w); }
+    }
+  }
+
+  fn main(index : i32) {
+    let t = i32(localIndex);
+    let tx = t % ${rn};
+    let ty = t / ${rn};
+    let o0 = i32(workgroupId.x) * TN;
+    let m0 = i32(workgroupId.y) * TM;
+    let part = i32(workgroupId.z);
+    let kStart = part * uniforms.chunk;
+    let kEnd = min(kStart + uniforms.chunk, uniforms.kTotal);
+
+    // This invocation's column of the input patch: (i, j, c) of row m.
+    let am = t % TM;
+    let ak = t / TM;
+    let mA = m0 + am;
+    let mOk = mA < uniforms.mTotal;
+    let c = mA % uniforms.cin;
+    let ij = mA / uniforms.cin;
+    let dj = ij % uniforms.kw - uniforms.pad;
+    let di = ij / uniforms.kw - uniforms.pad;
+    // Its column of dy.
+    let bo = t % TN;
+    let bk = t / TN;
+    let oB = o0 + bo;
+    let oOk = oB < uniforms.cout;
+    let ohw = uniforms.oh * uniforms.ow;
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    // A uniform trip count (barriers inside); the last chunk reads zeros past kEnd.
+    for (var it = 0; it < uniforms.steps; it++) {
+      let k0 = kStart + it * TK;
+      for (var r = 0; r < ${TK / aRows}; r++) {
+        let kr = ak + r * ${aRows};
+        let k = k0 + kr;
+        var v = 0.0;
+        if (mOk && k < kEnd) {
+          let nq = k / ohw;
+          let rest = k - nq * ohw;
+          let yq = rest / uniforms.ow;
+          let xq = rest - yq * uniforms.ow;
+          let iy = yq * uniforms.stride + di;
+          let ix = xq * uniforms.stride + dj;
+          if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
+            v = xin[((nq * uniforms.h + iy) * uniforms.w + ix) * uniforms.cin + c];
+          }
+        }
+        tileA[kr * TM + am] = v;
+      }
+      for (var r = 0; r < ${TK / bRows}; r++) {
+        let kr = bk + r * ${bRows};
+        let k = k0 + kr;
+        var v = 0.0;
+        if (oOk && k < kEnd) {
+          v = dy[k * uniforms.cout + oB];
+        }
+        tileB[kr * TN + bo] = v;
+      }
+      workgroupBarrier();
+      for (var kk = 0; kk < TK; kk++) {
+        let a = vec4<f32>(
+          tileA[kk * TM + ty],
+          tileA[kk * TM + ty + ${rm}],
+          tileA[kk * TM + ty + ${2 * rm}],
+          tileA[kk * TM + ty + ${3 * rm}]);
+        let b = vec4<f32>(
+          tileB[kk * TN + tx],
+          tileB[kk * TN + tx + ${rn}],
+          tileB[kk * TN + tx + ${2 * rn}],
+          tileB[kk * TN + tx + ${3 * rn}]);
+        acc0 = fma(vec4<f32>(a.x), b, acc0);
+        acc1 = fma(vec4<f32>(a.y), b, acc1);
+        acc2 = fma(vec4<f32>(a.z), b, acc2);
+        acc3 = fma(vec4<f32>(a.w), b, acc3);
+      }
+      workgroupBarrier();
+    }
+
+    let mRow = m0 + ty;
+    let oCol = o0 + tx;
+    store(part, mRow, oCol, acc0);
+    store(part, mRow + ${rm}, oCol, acc1);
+    store(part, mRow + ${2 * rm}, oCol, acc2);
+    store(part, mRow + ${3 * rm}, oCol, acc3);
+  }`;
+}
+
+registerProgramKernel("DdpmConvFilterGradPartial", (inputs, attrs) => {
+  const [n, h, w, cin] = inputs[0].shape;
+  const [, oh, ow, cout] = inputs[1].shape;
+  const kh = attrs.kh as number;
+  const kw = attrs.kw as number;
+  const m = kh * kw * cin;
+  const k = n * oh * ow;
+  const chunk = attrs.chunk as number;
+  const p = plan(m, cout, k, chunk > 0 ? chunk : undefined);
+  const threads = (p.tm / 4) * (p.tn / 4);
+  return {
+    program: {
+      variableNames: ["xin", "dy"],
+      shaderKey: `ddpmConvFilterGradPartial_${p.tm}_${p.tn}`,
+      uniforms:
+        "h : i32, w : i32, cin : i32, oh : i32, ow : i32, cout : i32, kw : i32, stride : i32, pad : i32, mTotal : i32, kTotal : i32, chunk : i32, steps : i32,",
+      // One chunk: the program writes dW in its final shape.
+      outputShape: p.parts === 1 ? [kh, kw, cin, cout] : [p.parts, m, cout],
+      dispatchLayout: { x: [0] },
+      dispatch: [
+        Math.ceil(cout / p.tn),
+        Math.ceil(m / p.tm),
+        p.parts,
+      ],
+      workgroupSize: [threads, 1, 1],
+      getUserCode: () => partialSource(p.tm, p.tn),
+    },
+    uniforms: [
+      h,
+      w,
+      cin,
+      oh,
+      ow,
+      cout,
+      kw,
+      attrs.stride as number,
+      attrs.pad as number,
+      m,
+      k,
+      p.chunk,
+      p.chunk / TK,
+    ].map((v) => ({ type: "int32" as const, data: [v] })),
+  };
+});
+
+registerProgramKernel("DdpmSplitKSum", (inputs, attrs) => {
+  const shape = attrs.shape as number[];
+  return {
+    program: {
+      variableNames: ["partial"],
+      shaderKey: "ddpmSplitKSum",
+      size: true,
+      uniforms: "parts : i32,",
+      ...flatFrame(shape),
+      getUserCode: () => `
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      var acc = 0.0;
+      for (var s = 0; s < uniforms.parts; s++) {
+        acc += partial[s * uniforms.size + index];
+      }
+      setOutputAtIndex(index, acc);
+    }
+  }`,
+    },
+    uniforms: [{ type: "int32", data: [inputs[0].shape[0]] }],
+  };
+});
+
+/**
+ * The weight gradient of `conv2d(input, w, stride, pad)` on the WebGPU
+ * backend: dW[i, j, c, o] = sum over n, y, x of
+ * input_pad[n, y stride + i, x stride + j, c] dy[n, y, x, o], by a split-K
+ * GEMM program and a sum of its partial results (two dispatches; one when
+ * K fits one chunk).
+ *
+ * @param input The convolution's input `[N, H, W, Cin]`.
+ * @param dy The gradient of its output `[N, OH, OW, Cout]`.
+ * @param geometry Kernel size, stride, padding and optionally the K chunk length.
+ * @returns dW `[kh, kw, Cin, Cout]`.
+ * @example
+ * ```ts ignore
+ * import { initBackend, tf } from "./backend.ts";
+ * import { webgpuFilterGrad } from "./_webgpu_conv.ts";
+ * await initBackend("webgpu");
+ * const x = tf.ones([2, 4, 4, 3]) as tf.Tensor4D;
+ * const dy = tf.ones([2, 4, 4, 5]) as tf.Tensor4D;
+ * const dw = webgpuFilterGrad(x, dy, { kh: 3, kw: 3, stride: 1, pad: 1 });
+ * console.log(dw.shape); // [3, 3, 3, 5]
+ * ```
+ */
+export function webgpuFilterGrad(
+  input: tf.Tensor4D,
+  dy: tf.Tensor4D,
+  geometry: FilterGradGeometry,
+): tf.Tensor4D {
+  const { kh, kw, stride, pad, chunk } = geometry;
+  if (tf.getBackend() !== "webgpu") {
+    throw new Error(
+      `Cannot compute a weight gradient with WebGPU programs: the active backend is not webgpu (got ${tf.getBackend()}, expected webgpu)`,
+    );
+  }
+  const [n, , , cin] = input.shape;
+  const [dn, , , cout] = dy.shape;
+  if (dn !== n) {
+    throw new TypeError(
+      `Cannot compute a weight gradient: input and output gradient differ in batch size (got ${dn}, expected ${n})`,
+    );
+  }
+  const shape: [number, number, number, number] = [kh, kw, cin, cout];
+  return tf.tidy(() => {
+    const partial = tf.engine().runKernel(
+      "DdpmConvFilterGradPartial",
+      { input, dy },
+      { kh, kw, stride, pad, chunk: chunk ?? 0 },
+    ) as tf.Tensor;
+    if (partial.rank === 4) return partial as tf.Tensor4D;
+    return tf.engine().runKernel("DdpmSplitKSum", { partial }, {
+      shape,
+    }) as tf.Tensor4D;
+  });
+}
