@@ -132,11 +132,14 @@ async function compare(maxNorm: number, mode: Mode, clipping: boolean) {
   const cpu = (await run("cpu", maxNorm, mode))!;
   // The gradients' norms are about 2: clipped at 1, not at 100.
   assert.ok(cpu.norms.every((n) => (n > maxNorm) === clipping), "clipping");
-  assert.ok(relErr(gpu.norms, cpu.norms) <= 1e-6, "norms");
-  assertMapsClose(gpu.params, cpu.params, 1e-6, "params");
-  assertMapsClose(gpu.m, cpu.m, 1e-6, "m");
-  assertMapsClose(gpu.v, cpu.v, 1e-6, "v");
-  assertMapsClose(gpu.ema, cpu.ema, 1e-6, "ema");
+  // A few float32 ulps: WGSL's division and square root may be off by
+  // 2.5 and 1 ulp on a real GPU (llvmpipe gives the cpu backend's bits).
+  const tol = 4e-6;
+  assert.ok(relErr(gpu.norms, cpu.norms) <= tol, "norms");
+  assertMapsClose(gpu.params, cpu.params, tol, "params");
+  assertMapsClose(gpu.m, cpu.m, tol, "m");
+  assertMapsClose(gpu.v, cpu.v, tol, "v");
+  assertMapsClose(gpu.ema, cpu.ema, tol, "ema");
 }
 
 Deno.test("fused WebGPU clip + AdamW + EMA (trainer's path) match cpu, clipping active", async () => {
