@@ -151,6 +151,13 @@ async function registerWebGpu(probe: AdapterProbe): Promise<void> {
     maxBufferSize: limits.maxBufferSize,
     maxComputeWorkgroupSizeX: limits.maxComputeWorkgroupSizeX,
     maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
+    // tfjs's Concat takes this many inputs, less one, per dispatch; the
+    // default of 8 splits the trainer's concatenation of 86 gradients into
+    // about 15 dispatches.
+    maxStorageBuffersPerShaderStage: Math.min(
+      limits.maxStorageBuffersPerShaderStage,
+      128,
+    ),
   };
   // Kernel timing in tf.profile / tf.time needs timestamp queries.
   const requiredFeatures = (["timestamp-query"] as GPUFeatureName[]).filter((
