@@ -43,9 +43,9 @@ export interface FilterGradGeometry {
 /** Rows of K staged per step. */
 const TK = 16;
 /** Workgroups to aim for (several per SM on a large GPU). */
-const TARGET_WORKGROUPS = 1024;
+const TARGET_WORKGROUPS = 2048;
 /** The shortest chunk of K chosen by default (bounds the partial sums' size). */
-const MIN_CHUNK = 512;
+const MIN_CHUNK = 256;
 
 /** A tile side for an output axis of length n: 64, 32 or 16. */
 function tileFor(n: number): number {
@@ -80,6 +80,7 @@ function partialSource(tm: number, tn: number): string {
   // TK * TN / threads dy values per step, one column each.
   const aRows = threads / tm;
   const bRows = threads / tn;
+  const aPer = TK / aRows;
   return `
   const TM = ${tm};
   const TN = ${tn};
@@ -125,7 +126,20 @@ function partialSource(tm: number, tn: number): string {
     let bk = t / TN;
     let oB = o0 + bo;
     let oOk = oB < uniforms.cout;
+    // The (n, y, x) of each of its rows of the K tile, advanced by TK per
+    // step without division.
+    var rowN : array<i32, ${aPer}>;
+    var rowY : array<i32, ${aPer}>;
+    var rowX : array<i32, ${aPer}>;
     let ohw = uniforms.oh * uniforms.ow;
+    for (var r = 0; r < ${aPer}; r++) {
+      let k = kStart + ak + r * ${aRows};
+      let nq = k / ohw;
+      let rest = k - nq * ohw;
+      rowN[r] = nq;
+      rowY[r] = rest / uniforms.ow;
+      rowX[r] = rest - rowY[r] * uniforms.ow;
+    }
 
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -134,21 +148,35 @@ function partialSource(tm: number, tn: number): string {
     // A uniform trip count (barriers inside); the last chunk reads zeros past kEnd.
     for (var it = 0; it < uniforms.steps; it++) {
       let k0 = kStart + it * TK;
-      for (var r = 0; r < ${TK / aRows}; r++) {
+      for (var r = 0; r < ${aPer}; r++) {
         let kr = ak + r * ${aRows};
         let k = k0 + kr;
         var v = 0.0;
+        var xq = rowX[r];
+        var yq = rowY[r];
+        let nq = rowN[r];
         if (mOk && k < kEnd) {
-          let nq = k / ohw;
-          let rest = k - nq * ohw;
-          let yq = rest / uniforms.ow;
-          let xq = rest - yq * uniforms.ow;
           let iy = yq * uniforms.stride + di;
           let ix = xq * uniforms.stride + dj;
           if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
             v = xin[((nq * uniforms.h + iy) * uniforms.w + ix) * uniforms.cin + c];
           }
         }
+        xq += TK;
+        loop {
+          if (xq < uniforms.ow) { break; }
+          xq -= uniforms.ow;
+          yq += 1;
+        }
+        var nNext = nq;
+        loop {
+          if (yq < uniforms.oh) { break; }
+          yq -= uniforms.oh;
+          nNext += 1;
+        }
+        rowX[r] = xq;
+        rowY[r] = yq;
+        rowN[r] = nNext;
         tileA[kr * TM + am] = v;
       }
       for (var r = 0; r < ${TK / bRows}; r++) {
