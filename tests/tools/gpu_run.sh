@@ -21,6 +21,7 @@
 #   sh tests/tools/gpu_run.sh [OUTDIR]
 set -u
 cd "$(dirname "$0")/../.."
+root="$(pwd)"
 out="${1:-${OUT:-out/gpu/results}}"
 mkdir -p "$out"
 if ls .gl/*.deb >/dev/null 2>&1; then
@@ -70,7 +71,7 @@ done
 echo "== 3. V8 profile of forward passes"
 (cd "$bin" && timeout 60 "$deno" run -A \
   --v8-flags=--prof,--logfile=v8.log,--no-logfile-per-isolate \
-  "$OLDPWD/out/gpu/gpu_profile.js" --base 64 --forward-batch 16 --loop 30 &&
+  "$root/out/gpu/gpu_profile.js" --base 64 --forward-batch 16 --loop 30 &&
   xz -T0 -3 -c v8.log > "$out/v8.log.xz") || echo "V8 profile failed"
 
 echo "== 4. main job: train 90 s on mnist-lite, then sample"
