@@ -10,7 +10,7 @@
 import * as tf from "@tensorflow/tfjs-core";
 import "@tensorflow/tfjs-backend-cpu";
 import "@tensorflow/tfjs-backend-wasm";
-import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
+import { FastUploadBackend, reuseDeviceObjects } from "./_webgpu_backend.ts";
 // Lets DDPM_WASM_THREADS / setWasmThreads start wasm multithreaded under Deno.
 import "./wasm_threads.ts";
 
@@ -81,59 +81,6 @@ async function probeAdapter(): Promise<AdapterProbe | null> {
 
 let webgpuDevice: GPUDevice | null = null;
 
-/** The parts of tfjs's WebGPU backend that {@linkcode FastUploadBackend} touches. */
-interface WebGpuInternals {
-  tensorMap: {
-    get(dataId: object): {
-      resource: unknown;
-      values: ArrayLike<number> | null;
-      dtype: string;
-      shape: number[];
-    };
-  };
-  bufferManager: {
-    acquireBuffer(size: number, usage: number): GPUBuffer;
-  };
-  queue: GPUQueue;
-}
-
-/**
- * tfjs's WebGPU backend with a cheaper upload: data created on the host
- * (`tf.tensor`, scalars) is written with `queue.writeBuffer` into a pooled
- * buffer instead of a freshly mapped staging buffer. On NVIDIA's Vulkan
- * driver under Deno a mapped upload costs about 0.4 ms of host time and
- * `writeBuffer` about 0.02 ms; a training step makes hundreds of uploads.
- * Ordering holds: the write runs at the next submit, before its command
- * buffers and after every earlier submit, and tfjs returns buffers to its
- * pool only once the work that used them has been submitted.
- */
-class FastUploadBackend extends WebGPUBackend {
-  override uploadToGPU(dataId: object): void {
-    const self = this as unknown as WebGpuInternals;
-    const data = self.tensorMap.get(dataId);
-    const dtype = data.dtype;
-    if (
-      data.resource != null || data.values == null ||
-      !(dtype === "float32" || dtype === "int32" || dtype === "bool") ||
-      data.values.length === 0
-    ) {
-      return super.uploadToGPU(dataId);
-    }
-    const n = data.values.length;
-    const host = dtype === "float32"
-      ? Float32Array.from(data.values)
-      : Int32Array.from(data.values);
-    const buffer = self.bufferManager.acquireBuffer(
-      n * 4,
-      GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC |
-        GPUBufferUsage.COPY_DST,
-    );
-    self.queue.writeBuffer(buffer, 0, host);
-    data.values = null;
-    data.resource = buffer;
-  }
-}
-
 /**
  * Register tfjs's WebGPU backend on a device we create ourselves.
  *
@@ -167,15 +114,12 @@ async function registerWebGpu(probe: AdapterProbe): Promise<void> {
     requiredLimits,
     requiredFeatures,
   });
+  reuseDeviceObjects(device);
   if (tf.engine().registryFactory["webgpu"] !== undefined) {
     tf.removeBackend("webgpu");
   }
   const info = probe.adapter.info;
-  // deno-lint-ignore no-explicit-any
-  tf.registerBackend(
-    "webgpu",
-    () => new FastUploadBackend(device, info as any),
-  );
+  tf.registerBackend("webgpu", () => new FastUploadBackend(device, info));
   webgpuDevice = device;
 }
 

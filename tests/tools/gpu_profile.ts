@@ -150,6 +150,9 @@ async function main(args: string[]): Promise<number> {
   const fb = Number(values["forward-batch"]);
   const tb = Number(values["train-batch"]);
   const reps = Number(values.reps);
+  // Wrap before the device exists, so that calls the backend routes through
+  // its own caches (core/backend.ts) are counted only when they reach WebGPU.
+  wrapWebGpuApi();
   const got = await initBackend("webgpu");
   console.log(`backend ${got.backend}: ${got.reason}`);
   if (got.backend !== "webgpu") return 1;

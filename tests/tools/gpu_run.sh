@@ -7,10 +7,11 @@
 #      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
 #      images), then base 32;
-#   3. a V8 sampling profile of forward passes (v8.log.xz; read it with
-#      `node --prof-process`);
+#   3. with DDPM_GPU_V8=1, a V8 sampling profile of forward passes
+#      (v8.log.xz; read it with `node --prof-process`);
 #   4. the command line's main job on the GPU: a short training run on
-#      mnist-lite and DDIM sampling from its checkpoint.
+#      mnist-lite (DDPM_GPU_TRAIN_MIN minutes, 1.5 by default) and DDIM
+#      sampling from its checkpoint.
 # Needs out/gpu/ from tests/tools/gpu_pack.sh (Deno and the bundled tools;
 # the machine needs no package registry) and python3 with PyTorch. Where the
 # machine has no Vulkan loader, put the Debian packages libvulkan1 (and the
@@ -68,18 +69,22 @@ for base in 64 32; do
   echo >> "$out/table.md"
 done
 
+if [ -n "${DDPM_GPU_V8:-}" ]; then
 echo "== 3. V8 profile of forward passes"
 (cd "$bin" && timeout 60 "$deno" run -A \
   --v8-flags=--prof,--logfile=v8.log,--no-logfile-per-isolate \
   "$root/out/gpu/gpu_profile.js" --base 64 --forward-batch 16 --loop 30 &&
   xz -T0 -3 -c v8.log > "$out/v8.log.xz") || echo "V8 profile failed"
+fi
 
-echo "== 4. main job: train 90 s on mnist-lite, then sample"
+echo "== 4. main job: train ${DDPM_GPU_TRAIN_MIN:-1.5} min on mnist-lite, then sample"
 run="$bin/run"
 timeout 150 "$deno" run -A "$bin/cli.js" train --dataset mnist-lite \
-  --time-limit 1.5 --out "$run" --no-samples 2>&1 | tail -4
+  --time-limit "${DDPM_GPU_TRAIN_MIN:-1.5}" --out "$run" --no-samples 2>&1 | tail -4
 timeout 90 "$deno" run -A "$bin/cli.js" sample \
   --checkpoint "$run/checkpoint.safetensors" --steps 20 --seed 0 \
   --out "$out/main_job_samples.png" 2>&1 | tail -3
 cp "$run/metrics.jsonl" "$out/main_job_metrics.jsonl" 2>/dev/null
+# A device call returns at most 8 files: everything also goes in one archive.
+(cd "$out" && tar czf results.tgz --exclude results.tgz . && rm -f deno*.json gpu.txt)
 true

@@ -1,0 +1,92 @@
+/**
+ * The host-side shortcuts of core/_webgpu_backend.ts against tfjs's own
+ * code: the uniform layout must be byte for byte what tfjs's
+ * `makeUniforms` writes (run here on stand-ins for the queue and the
+ * buffer pool, no GPU needed), and uniform buffers kept per content must
+ * never serve stale values (a whole training step is compared with the
+ * cpu backend in tests/webgpu_test.ts).
+ */
+import assert from "node:assert/strict";
+import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
+import { uniformBytes, type UniformData } from "../core/_webgpu_backend.ts";
+import { initBackend, tf } from "../core/backend.ts";
+
+/** The bytes tfjs's own makeUniforms writes for `uniforms`. */
+function tfjsUniformBytes(uniforms: UniformData): Uint8Array {
+  let written: Uint8Array | null = null;
+  const stand = {
+    bufferManager: {
+      acquireBuffer: (size: number) => ({ size }),
+    },
+    queue: {
+      writeBuffer: (
+        _b: unknown,
+        _o: number,
+        data: ArrayBuffer,
+        offset: number,
+        size: number,
+      ) => {
+        written = new Uint8Array(data, offset, size).slice();
+      },
+    },
+    uniformPendingDisposal: [] as unknown[],
+  };
+  const make = (WebGPUBackend.prototype as unknown as {
+    makeUniforms: (this: unknown, u: UniformData) => unknown;
+  }).makeUniforms;
+  make.call(stand, structuredClone(uniforms));
+  return written!;
+}
+
+const f = (...data: number[]) => ({ type: "float32", data });
+const i = (...data: number[]) => ({ type: "int32", data });
+const u = (...data: number[]) => ({ type: "uint32", data });
+
+Deno.test("uniform layout equals tfjs's makeUniforms, byte for byte", () => {
+  const cases: UniformData[] = [
+    [f(NaN), f(Infinity), i(2, 3, 4, 5), i(60, 20, 5)],
+    [f(NaN), f(Infinity), i(7), i(1, 2), i(3, 4, 5)],
+    [i(1, 2, 3, 4, 5), i(9), f(0.5)],
+    [i(1, 2, 3, 4, 5, 6), i(1, 2), f(-1.25, 3)],
+    [u(4294967295), f(1e-8), i(-3)],
+    [f(1, 2, 3), f(4)],
+    [i()],
+  ];
+  for (const c of cases) {
+    const ours = new Uint8Array(uniformBytes(structuredClone(c)));
+    assert.deepEqual(ours, tfjsUniformBytes(c), JSON.stringify(c));
+  }
+});
+
+Deno.test("uniform layout rejects values of more than six components", () => {
+  assert.throws(
+    () => uniformBytes([i(1, 2, 3, 4, 5, 6, 7)]),
+    /Cannot lay out uniforms: a value has too many components \(got 7, expected at most 6\)/,
+  );
+});
+
+Deno.test({
+  name: "kept uniform buffers follow changing values on webgpu",
+  ignore: (globalThis.navigator as Navigator | undefined)?.gpu === undefined,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    try {
+      // tf.step's alpha and tf.clipByValue's bounds are uniforms: the same
+      // program with new values must see the new values, old ones again
+      // the old.
+      const x = tf.tensor1d([-2, -0.5, 0.5, 2]);
+      for (const [lo, hi] of [[-1, 1], [0, 0.25], [-1, 1], [-3, -1]]) {
+        const y = tf.clipByValue(x, lo, hi);
+        assert.deepEqual(
+          [...await y.data()],
+          [-2, -0.5, 0.5, 2].map((v) => Math.min(hi, Math.max(lo, v))),
+        );
+        y.dispose();
+      }
+      x.dispose();
+    } finally {
+      await initBackend("cpu");
+    }
+  },
+});
