@@ -183,6 +183,24 @@ async function main(args: string[]): Promise<number> {
     );
   }
 
+  // The latency of one small kernel and its read back to the host.
+  {
+    const a = tf.tensor1d([1, 2, 3]);
+    const times: number[] = [];
+    for (let i = 0; i < 30; i++) {
+      const t0 = performance.now();
+      const b = tf.add(a, a);
+      await b.data();
+      times.push(performance.now() - t0);
+      b.dispose();
+    }
+    a.dispose();
+    out.readbackMs = median(times);
+    console.log(
+      `one small kernel and its read back: ${median(times).toFixed(3)} ms`,
+    );
+  }
+
   // Where the host time of a chain of large element-wise kernels goes.
   wrapWebGpuApi();
   apiOn = true;
