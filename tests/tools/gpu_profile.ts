@@ -185,7 +185,8 @@ async function main(args: string[]): Promise<number> {
 
   // The latency of one small kernel and its read back to the host.
   {
-    const a = tf.tensor1d([1, 2, 3]);
+    // Above tfjs's CPU hand-off size (1,000), so that the add runs on the GPU.
+    const a = tf.ones([4096]);
     const times: number[] = [];
     for (let i = 0; i < 30; i++) {
       const t0 = performance.now();
