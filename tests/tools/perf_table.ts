@@ -12,8 +12,11 @@
  *
  * Each variant runs in its own process (tfjs picks the wasm build, threaded
  * or not, once per process): `--one '<variant JSON>'` measures one and
- * prints a JSON line. Timings are medians over `--reps` after a warm-up;
- * a training iteration includes the AdamW and EMA updates. FLOPs come from
+ * prints a JSON line. Forward passes and training steps are timed as
+ * `--reps` calls back to back with one wait for the device at the end (a
+ * training step reads its loss and gradient norm back itself); sampling as
+ * the median over `--reps` calls, each ending with its images read back. A
+ * training iteration includes the AdamW and EMA updates. FLOPs come from
  * the layer list (tests/tools/unet_flops.ts), a training step counted as
  * three forward passes. Peak RSS is the process's VmHWM (workers included).
  *
@@ -91,6 +94,26 @@ async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
   return median(t);
 }
 
+/**
+ * Seconds per call of `run`, calls back to back, with one wait for the
+ * device at the end (`sync`), after a warm-up call: the throughput of a
+ * loop, as training and sampling run. (Under Deno every read back from a
+ * WebGPU device costs at least 10 ms, so a read after each call would
+ * measure that instead.)
+ */
+async function timeLoop(
+  reps: number,
+  run: () => Promise<void>,
+  sync: () => Promise<void>,
+): Promise<number> {
+  await run();
+  await sync();
+  const t0 = performance.now();
+  for (let i = 0; i < reps; i++) await run();
+  await sync();
+  return (performance.now() - t0) / 1000 / reps;
+}
+
 /** Measure one variant in this process. */
 export async function measure(v: Variant): Promise<Result> {
   setWasmThreads(v.threads);
@@ -123,11 +146,15 @@ export async function measure(v: Variant): Promise<Result> {
         Array.from({ length: v.forwardBatch }, (_, i) => (i * 37) % 1000),
         "int32",
       );
-      result.forwardSeconds = await timeIt(v.reps, async () => {
-        const y = unet.predict(xf, t);
-        await y.data();
-        y.dispose();
+      let last: tf.Tensor | null = null;
+      result.forwardSeconds = await timeLoop(v.reps, () => {
+        last?.dispose();
+        last = unet.predict(xf, t);
+        return Promise.resolve();
+      }, async () => {
+        await last!.data();
       });
+      (last as tf.Tensor | null)?.dispose();
       tf.dispose([xf, t]);
     }
     if (v.parts.includes("sample")) {
@@ -149,10 +176,15 @@ export async function measure(v: Variant): Promise<Result> {
         workers: v.workers,
       });
       try {
-        result.trainSeconds = await timeIt(v.reps, async () => {
-          await trainer.trainStep(x0);
-          await trainer.ema!.params.get("out_conv.bias")!.data();
-        });
+        result.trainSeconds = await timeLoop(
+          v.reps,
+          async () => {
+            await trainer.trainStep(x0);
+          },
+          async () => {
+            await trainer.ema!.params.get("out_conv.bias")!.data();
+          },
+        );
       } finally {
         trainer.dispose();
         x0.dispose();
