@@ -161,11 +161,17 @@ async function main(args: string[]): Promise<number> {
     supportTimestampQuery: boolean;
   };
   const features = [...backend.device.features].sort();
+  const adapter = await navigator.gpu.requestAdapter({
+    powerPreference: "high-performance",
+  });
+  const adapterFeatures = [...(adapter?.features ?? [])].sort();
+  console.log(`adapter features: ${adapterFeatures.join(", ")}`);
   console.log(`adapter: ${got.adapter}`);
-  console.log(`features: ${features.join(", ")}`);
+  console.log(`device features (as requested): ${features.join(", ")}`);
   const out: Record<string, unknown> = {
     adapter: got.adapter,
     features,
+    adapterFeatures,
     base,
     forwardBatch: fb,
     trainBatch: tb,
