@@ -86,5 +86,6 @@ timeout 90 "$deno" run -A "$bin/cli.js" sample \
   --out "$out/main_job_samples.png" 2>&1 | tail -3
 cp "$run/metrics.jsonl" "$out/main_job_metrics.jsonl" 2>/dev/null
 # A device call returns at most 8 files: everything also goes in one archive.
-(cd "$out" && tar czf results.tgz --exclude results.tgz . && rm -f deno*.json gpu.txt)
+(cd "$out" && tar czf "$bin/results.tgz" . && mv "$bin/results.tgz" . &&
+  rm -f deno*.json gpu.txt)
 true
