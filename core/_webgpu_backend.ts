@@ -118,7 +118,25 @@ export function uniformBytes(uniforms: UniformData): ArrayBuffer {
 }
 
 /** Uniform buffers kept by {@linkcode keepUniformBuffers}. */
-const UNIFORM_CACHE = 4096;
+let uniformCacheSize = 4096;
+
+/**
+ * Set how many uniform buffers {@linkcode keepUniformBuffers} keeps (tests
+ * shrink it to exercise the hand-back path).
+ *
+ * @param n The number of distinct uniform contents kept, at least 1.
+ * @returns The previous number.
+ */
+export function setUniformCacheSize(n: number): number {
+  if (!(Number.isInteger(n) && n >= 1)) {
+    throw new RangeError(
+      `Cannot set the uniform cache size: not a positive integer (got ${n}, expected an integer >= 1)`,
+    );
+  }
+  const previous = uniformCacheSize;
+  uniformCacheSize = n;
+  return previous;
+}
 
 /**
  * Give every distinct uniform content its own buffer, written once, instead
@@ -145,7 +163,7 @@ function keepUniformBuffers(backend: WebGpuInternals): void {
       );
       backend.queue.writeBuffer(buffer, 0, bytes);
       binding = { offset: 0, size: bytes.byteLength, buffer };
-      if (kept.size >= UNIFORM_CACHE) {
+      while (kept.size >= uniformCacheSize) {
         const [oldest, old] = kept.entries().next().value!;
         kept.delete(oldest);
         self.uniformPendingDisposal.push(old.buffer);

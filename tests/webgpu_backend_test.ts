@@ -8,7 +8,11 @@
  */
 import assert from "node:assert/strict";
 import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
-import { uniformBytes, type UniformData } from "../core/_webgpu_backend.ts";
+import {
+  setUniformCacheSize,
+  uniformBytes,
+  type UniformData,
+} from "../core/_webgpu_backend.ts";
 import { initBackend, tf } from "../core/backend.ts";
 
 /** The bytes tfjs's own makeUniforms writes for `uniforms`. */
@@ -58,6 +62,13 @@ Deno.test("uniform layout equals tfjs's makeUniforms, byte for byte", () => {
   }
 });
 
+Deno.test("the uniform cache size must be a positive integer", () => {
+  assert.throws(
+    () => setUniformCacheSize(0),
+    /Cannot set the uniform cache size: not a positive integer \(got 0, expected an integer >= 1\)/,
+  );
+});
+
 Deno.test("uniform layout rejects values of more than six components", () => {
   assert.throws(
     () => uniformBytes([i(1, 2, 3, 4, 5, 6, 7)]),
@@ -72,17 +83,34 @@ Deno.test({
     const got = await initBackend("webgpu");
     if (got.backend !== "webgpu") return;
     try {
-      // tf.step's alpha and tf.clipByValue's bounds are uniforms: the same
-      // program with new values must see the new values, old ones again
-      // the old.
-      const x = tf.tensor1d([-2, -0.5, 0.5, 2]);
-      for (const [lo, hi] of [[-1, 1], [0, 0.25], [-1, 1], [-3, -1]]) {
-        const y = tf.clipByValue(x, lo, hi);
-        assert.deepEqual(
-          [...await y.data()],
-          [-2, -0.5, 0.5, 2].map((v) => Math.min(hi, Math.max(lo, v))),
-        );
-        y.dispose();
+      // tf.clipByValue's bounds are uniforms: the same program with new
+      // values must see the new values, old ones again the old. (4,096
+      // elements: above tfjs's size for running small ops on the CPU.)
+      const values = Array.from({ length: 4096 }, (_, k) => (k % 9) - 4);
+      const x = tf.tensor1d(values);
+      const bounds = [[-1, 1], [0, 0.25], [-1, 1], [-3, -1]];
+      // Then more distinct bounds than a shrunken cache holds, twice over,
+      // so that buffers are handed back and reused for other contents.
+      for (let k = 1; k <= 12; k++) bounds.push([-k / 4, k / 3]);
+      for (let k = 1; k <= 12; k++) bounds.push([-k / 4, k / 3]);
+      const previous = setUniformCacheSize(5);
+      try {
+        // All dispatched before any is read: a buffer handed back too early
+        // would be rewritten before an earlier dispatch ran.
+        const ys = bounds.map(([lo, hi]) => tf.clipByValue(x, lo, hi));
+        for (const [k, [lo, hi]] of bounds.entries()) {
+          const want = values.map((v) =>
+            Math.fround(Math.min(hi, Math.max(lo, v)))
+          );
+          assert.deepEqual(
+            [...await ys[k].data()],
+            want,
+            `bounds ${lo}, ${hi}`,
+          );
+        }
+        tf.dispose(ys);
+      } finally {
+        setUniformCacheSize(previous);
       }
       x.dispose();
     } finally {
