@@ -164,3 +164,48 @@ Deno.test({
     assertMapsClose(gpu.ema, cpu.ema, 1e-4, "EMA weights");
   },
 });
+
+/** tfjs kernel records that issue no GPU dispatch. */
+const NO_DISPATCH = new Set([
+  "Reshape",
+  "Identity",
+  "Cast",
+  "fusedConv2d__op",
+  "unnamed scope",
+]);
+
+Deno.test({
+  name:
+    "a webgpu training step stays within its kernel budget (fused norm, weight gradient and optimizer in use)",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    tf.engine().startScope();
+    try {
+      const unet = new UNet({ base: 16, seed: 3 });
+      const schedule = makeSchedule({ T: 1000 });
+      const x0 = tf.zeros([2, 8, 8, 1]) as tf.Tensor4D;
+      const trainer = new Trainer(unet, schedule, { seed: 5 });
+      await trainer.trainStep(x0);
+      const info = await tf.profile(async () => {
+        await trainer.trainStep(x0);
+      });
+      const names = info.kernels.map((k) => k.name);
+      const dispatching = names.filter((n) => !NO_DISPATCH.has(n)).length;
+      const count = (n: string) => names.filter((m) => m === n).length;
+      // Each GroupNorm 2 kernels forward (13 norms), its backward 4; each
+      // parameter tensor 2 (weight, EMA). 2,392 before these were fused.
+      assert.equal(count("DdpmNormStats"), 13);
+      assert.equal(count("DdpmAdamWParam"), unet.params.size);
+      assert.equal(count("DdpmEma"), unet.params.size);
+      assert.ok(dispatching <= 520, `${dispatching} dispatching kernels`);
+      trainer.dispose();
+      unet.dispose();
+      schedule.dispose();
+    } finally {
+      tf.engine().endScope();
+      await initBackend("cpu");
+    }
+  },
+});
