@@ -14,7 +14,9 @@
  *    {@linkcode adamwMoments});
  * 3. per parameter, the new weight from the old weight and the new moments
  *    (1 dispatch each, {@linkcode adamwParam});
- * 4. per parameter, the EMA (1 dispatch each, {@linkcode emaStep}).
+ * 4. the EMA, kept packed in the same order by core/ema.ts: the new
+ *    weights concatenated, then one {@linkcode emaStep} over the vectors
+ *    (2 dispatches where tfjs's Concat takes every tensor at once).
  *
  * Each formula is written in the same order of operations as the tfjs-op
  * path of core/optim.ts, core/ema.ts and core/train.ts, so the results equal

@@ -34,7 +34,7 @@
  * @module
  */
 import { tf } from "./backend.ts";
-import { emaStep } from "./_webgpu_optim.ts";
+import { emaStep, flattenInOrder } from "./_webgpu_optim.ts";
 
 /** How the EMA decay grows with the number of updates; see the module notes. */
 export type EmaDecayMode = "constant" | "warmup" | "ramp";
@@ -160,9 +160,38 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 export class Ema {
   /** The settings in use. */
   readonly config: Readonly<EmaConfig>;
-  /** The averaged parameters, keyed as the model's; owned by this object. */
-  readonly params: Map<string, tf.Variable>;
+  #params = new Map<string, tf.Variable>();
+  /**
+   * On WebGPU, the average of every parameter in one vector (parameter
+   * order), updated in 2 dispatches instead of one per tensor; `params`
+   * is then refreshed from it when read. Null elsewhere, and until the
+   * first update.
+   */
+  #packed: tf.Variable | null = null;
+  /** Which copy is current: the per-key variables, the packed one, or both. */
+  #current: "params" | "packed" | "both" = "params";
   #optimizationStep = 0;
+
+  /**
+   * The averaged parameters, keyed as the model's; owned by this object.
+   * Read it after the updates you want to see: on WebGPU the average lives
+   * in one packed vector while training and these variables are refreshed
+   * from it (one slice each) when this property is read.
+   */
+  get params(): Map<string, tf.Variable> {
+    if (this.#current === "packed") {
+      const packed = this.#packed!;
+      let start = 0;
+      tf.tidy(() => {
+        for (const e of this.#params.values()) {
+          e.assign(tf.reshape(tf.slice(packed, start, e.size), e.shape));
+          start += e.size;
+        }
+      });
+      this.#current = "both";
+    }
+    return this.#params;
+  }
 
   /**
    * Start an average at a copy of `params`.
@@ -175,9 +204,8 @@ export class Ema {
     config: Partial<EmaConfig> = {},
   ) {
     this.config = Object.freeze(fullConfig(config));
-    this.params = new Map();
     for (const [key, p] of params) {
-      this.params.set(
+      this.#params.set(
         key,
         tf.tidy(() => tf.variable(tf.cast(p, "float32"), false)),
       );
@@ -207,7 +235,7 @@ export class Ema {
    * ```
    */
   update(params: ReadonlyMap<string, tf.Tensor>): number {
-    for (const [key, e] of this.params) {
+    for (const [key, e] of this.#params) {
       const p = params.get(key);
       if (p === undefined || !sameShape(p.shape, e.shape)) {
         throw new TypeError(
@@ -219,17 +247,36 @@ export class Ema {
     }
     const n = this.#optimizationStep + 1;
     const d = emaDecay(n, this.config);
-    const fused = tf.getBackend() === "webgpu";
-    tf.tidy(() => {
-      for (const [key, e] of this.params) {
-        const p = params.get(key)!;
-        e.assign(
-          fused && p.dtype === "float32"
-            ? emaStep(e, p, d)
-            : tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)),
-        );
+    const keys = [...this.#params.keys()];
+    const packable = tf.getBackend() === "webgpu" && keys.length > 0 &&
+      keys.every((k) => params.get(k)!.dtype === "float32");
+    if (packable) {
+      // Concatenate the parameters (tfjs's Concat takes many inputs per
+      // dispatch) and average the two vectors in one program.
+      if (this.#current === "params" || this.#packed === null) {
+        const fresh = flattenInOrder(this.#params, keys);
+        if (this.#packed === null) {
+          this.#packed = tf.variable(fresh, false);
+        } else {
+          this.#packed.assign(fresh);
+          fresh.dispose();
+        }
       }
-    });
+      const packed = this.#packed!;
+      tf.tidy(() => {
+        packed.assign(emaStep(packed, flattenInOrder(params, keys), d));
+      });
+      this.#current = "packed";
+    } else {
+      const current = this.params;
+      tf.tidy(() => {
+        for (const [key, e] of current) {
+          const p = params.get(key)!;
+          e.assign(tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)));
+        }
+      });
+      this.#current = "params";
+    }
     this.#optimizationStep = n;
     return d;
   }
@@ -304,7 +351,7 @@ export class Ema {
         `Cannot restore EMA state: optimizationStep must be a non-negative integer (got ${state.optimizationStep})`,
       );
     }
-    for (const [key, e] of this.params) {
+    for (const [key, e] of this.#params) {
       const s = state.params.get(key);
       if (s === undefined || !sameShape(s.shape, e.shape)) {
         throw new TypeError(
@@ -314,17 +361,18 @@ export class Ema {
         );
       }
     }
-    if (state.params.size !== this.params.size) {
-      const extra = [...state.params.keys()].find((k) => !this.params.has(k));
+    if (state.params.size !== this.#params.size) {
+      const extra = [...state.params.keys()].find((k) => !this.#params.has(k));
       throw new TypeError(
-        `Cannot restore EMA state: a key no parameter has (got "${extra}", expected ${this.params.size} keys)`,
+        `Cannot restore EMA state: a key no parameter has (got "${extra}", expected ${this.#params.size} keys)`,
       );
     }
     tf.tidy(() => {
-      for (const [key, e] of this.params) {
+      for (const [key, e] of this.#params) {
         e.assign(tf.cast(state.params.get(key)!, "float32"));
       }
     });
+    this.#current = "params";
     this.#optimizationStep = state.optimizationStep;
   }
 
@@ -343,7 +391,10 @@ export class Ema {
    * ```
    */
   dispose(): void {
-    for (const v of this.params.values()) v.dispose();
-    this.params.clear();
+    for (const v of this.#params.values()) v.dispose();
+    this.#params.clear();
+    this.#packed?.dispose();
+    this.#packed = null;
+    this.#current = "params";
   }
 }

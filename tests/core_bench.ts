@@ -156,7 +156,8 @@ for (const [base, n] of TRAIN) {
         b.start();
         await s.trainer.trainStep(s.x0);
         // The AdamW and EMA updates are queued after the step's one read: wait for them too.
-        await s.trainer.ema!.params.get("out_conv.bias")!.data();
+        // A read orders after every earlier dispatch, the EMA update included.
+        await s.trainer.model.params.get("out_conv.bias")!.data();
         b.end();
       },
     });

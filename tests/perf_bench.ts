@@ -161,7 +161,8 @@ for (const [base, n] of TRAIN) {
         const x0 = batch(n, 2);
         b.start();
         await s.trainer.trainStep(x0);
-        await s.trainer.ema!.params.get("out_conv.bias")!.data();
+        // A read orders after every earlier dispatch, the EMA update included.
+        await s.trainer.model.params.get("out_conv.bias")!.data();
         b.end();
       },
     });

@@ -258,7 +258,8 @@ async function main(args: string[]): Promise<number> {
   };
   const step = async () => {
     await trainer.trainStep(x0);
-    await trainer.ema!.params.get("out_conv.bias")!.data();
+    // A read orders after every earlier dispatch, the EMA update included.
+    await unet.params.get("out_conv.bias")!.data();
   };
   if (values.loop !== undefined) {
     // Only forward passes, e.g. under a sampling profiler.

@@ -182,7 +182,8 @@ export async function measure(v: Variant): Promise<Result> {
             await trainer.trainStep(x0);
           },
           async () => {
-            await trainer.ema!.params.get("out_conv.bias")!.data();
+            // A read orders after every earlier dispatch, the EMA update included.
+            await unet.params.get("out_conv.bias")!.data();
           },
         );
       } finally {
