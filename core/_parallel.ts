@@ -92,6 +92,9 @@ interface Pending {
  * a shard, so a trainer that is never disposed does not keep a finished
  * program from exiting.
  */
+/** How long a disposed pool keeps the process alive for its threads to end. */
+const GRACE_MS = 150;
+
 export class GradientPool {
   /** Number of workers. */
   readonly size: number;
@@ -159,7 +162,13 @@ export class GradientPool {
     this.#ready = Promise.all(readies).then(() => {});
     // A failure before anyone awaits is reported by the next run().
     this.#ready.catch(() => {});
+    // A pool nobody disposed is disposed when the program has nothing else
+    // to do: a process that exits while its worker threads still live or
+    // are being torn down sometimes crashed in Deno 2.9 (SIGSEGV).
+    globalThis.addEventListener("beforeunload", this.#onBeforeUnload);
   }
+
+  #onBeforeUnload = (): void => this.dispose();
 
   /** Keep the process alive for worker i (it is starting or computing). */
   #hold(i: number): void {
@@ -222,11 +231,19 @@ export class GradientPool {
     });
   }
 
-  /** Terminate the workers; pending runs are rejected. */
+  /**
+   * Terminate the workers; pending runs are rejected. The process stays
+   * alive until they have exited. Called by itself when the program has
+   * nothing else left to do.
+   */
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
+    globalThis.removeEventListener("beforeunload", this.#onBeforeUnload);
     for (const w of this.#workers) w.terminate();
+    // Keep the process a moment longer, so that it does not end while the
+    // threads are torn down (see the constructor).
+    setTimeout(() => {}, GRACE_MS);
     this.#fail(
       new Error(
         "Cannot train in parallel: the worker pool was disposed during a step",
