@@ -20,22 +20,7 @@ import { initBackend, tf } from "../../core/backend.ts";
 import { makeSchedule } from "../../core/schedule.ts";
 import { Trainer } from "../../core/train.ts";
 import { UNet } from "../../core/unet.ts";
-
-function median(v: number[]): number {
-  const s = [...v].sort((a, b) => a - b);
-  return s[s.length >> 1];
-}
-
-async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
-  await f();
-  const t: number[] = [];
-  for (let i = 0; i < reps; i++) {
-    const t0 = performance.now();
-    await f();
-    t.push(performance.now() - t0);
-  }
-  return median(t);
-}
+import { median, timeIt } from "./perf_table.ts";
 
 /** Host time spent inside WebGPU API calls, by method, while wrapped. */
 const apiTime = new Map<string, { count: number; ms: number }>();
@@ -284,8 +269,8 @@ async function main(args: string[]): Promise<number> {
   );
   for (const b of values.batches!.split(",").map(Number)) {
     tf.env().set("WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE", b);
-    const f = await timeIt(reps, forward);
-    const s = await timeIt(reps, step);
+    const f = await timeIt(reps, forward) * 1000;
+    const s = await timeIt(reps, step) * 1000;
     (out.wall as unknown[]).push({ submitBatch: b, forwardMs: f, trainMs: s });
     console.log(
       `submit batch ${b}: forward(${fb}) ${f.toFixed(1)} ms = ${

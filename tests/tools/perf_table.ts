@@ -67,7 +67,8 @@ export interface Result extends Variant {
   peakRssMB: number;
 }
 
-function median(v: number[]): number {
+/** The median of `v` (the upper one of an even count). */
+export function median(v: number[]): number {
   const s = [...v].sort((a, b) => a - b);
   return s[s.length >> 1];
 }
@@ -83,7 +84,11 @@ function peakRssMB(): number {
   return Math.round(Deno.memoryUsage().rss / 2 ** 20);
 }
 
-async function timeIt(reps: number, f: () => Promise<void>): Promise<number> {
+/** Median seconds of `reps` calls of `f`, after one warm-up call. */
+export async function timeIt(
+  reps: number,
+  f: () => Promise<void>,
+): Promise<number> {
   await f();
   const t: number[] = [];
   for (let i = 0; i < reps; i++) {
