@@ -60,8 +60,10 @@ function naiveDw(
 
 /**
  * dW of PyTorch's ConvTranspose2d (input pixel (iy, ix) scatters w[i, j, o, c]
- * into output (iy s + i - p, ix s + j - p)) given the output gradient r,
- * by its definition in float64. w is [k, k, Cout, Cin].
+ * into output (iy s + i - p, ix s + j - p)) given the output gradient r, in
+ * float64. w is [k, k, Cout, Cin]. dW[i, j, o, c] = sum x[n, iy, ix, c]
+ * r[n, iy s + i - p, ix s + j - p, o]: the convolution's definition with
+ * the roles of input and output gradient swapped.
  */
 function naiveDwT(
   x: Float32Array,
@@ -72,31 +74,7 @@ function naiveDwT(
   stride: number,
   pad: number,
 ): Float64Array {
-  const [n, h, w, cin] = xs;
-  const [, oh, ow, cout] = rs;
-  const ws = [k, k, cout, cin];
-  const dw = new Float64Array(size(ws));
-  for (let b = 0; b < n; b++) {
-    for (let iy = 0; iy < h; iy++) {
-      for (let ix = 0; ix < w; ix++) {
-        for (let i = 0; i < k; i++) {
-          const oy = iy * stride + i - pad;
-          if (oy < 0 || oy >= oh) continue;
-          for (let j = 0; j < k; j++) {
-            const ox = ix * stride + j - pad;
-            if (ox < 0 || ox >= ow) continue;
-            for (let c = 0; c < cin; c++) {
-              const xv = x[at4(xs, b, iy, ix, c)];
-              for (let o = 0; o < cout; o++) {
-                dw[at4(ws, i, j, o, c)] += xv * r[at4(rs, b, oy, ox, o)];
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-  return dw;
+  return naiveDw(r, rs, x, xs, k, stride, pad);
 }
 
 interface Case {
