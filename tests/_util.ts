@@ -31,6 +31,15 @@ export function relErr(
   return diff / scale;
 }
 
+/** The values of every float32 tensor of a map, read back, by key. */
+export async function readAll(
+  m: ReadonlyMap<string, { data(): Promise<unknown> }>,
+): Promise<Map<string, Float32Array>> {
+  const out = new Map<string, Float32Array>();
+  for (const [k, v] of m) out.set(k, await v.data() as Float32Array);
+  return out;
+}
+
 /** Big-endian uint32 bytes. */
 export function be32(n: number): number[] {
   return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255];

@@ -15,7 +15,7 @@ import { clipGradNorm, Trainer } from "../core/train.ts";
 import { makeSchedule } from "../core/schedule.ts";
 import { unetParamShapes } from "../core/unet.ts";
 import { flatNorm, flattenInOrder, STEP_FLAT } from "../core/_webgpu_optim.ts";
-import { randoms, relErr } from "./_util.ts";
+import { randoms, readAll, relErr } from "./_util.ts";
 
 const SHAPES: number[][] = [[], [1], [3], [67], [3, 3, 2, 5], [33, 41], [
   270001,
@@ -39,14 +39,6 @@ interface Run {
  * some gradients (per-key fallback, then packed again).
  */
 type Mode = "trainer" | "public" | "partial";
-
-async function read(
-  m: ReadonlyMap<string, tf.Tensor>,
-): Promise<Map<string, Float32Array>> {
-  const out = new Map<string, Float32Array>();
-  for (const [k, v] of m) out.set(k, await v.data() as Float32Array);
-  return out;
-}
 
 /** Three clipped AdamW steps and EMA updates on `backend`; null when it cannot be had. */
 async function run(
@@ -97,10 +89,10 @@ async function run(
     const state = opt.getState();
     const result = {
       norms,
-      params: await read(params),
-      m: await read(state.expAvg),
-      v: await read(state.expAvgSq),
-      ema: await read(ema.params),
+      params: await readAll(params),
+      m: await readAll(state.expAvg),
+      v: await readAll(state.expAvgSq),
+      ema: await readAll(ema.params),
     };
     tf.dispose([...state.expAvg.values(), ...state.expAvgSq.values()]);
     opt.dispose();
@@ -289,9 +281,9 @@ async function trainToy(backend: "cpu" | "webgpu") {
       norms,
       leaked,
       kernelNames,
-      params: await read(model.params),
-      m: await read(state.optimizer.expAvg),
-      ema: await read(trainer.ema!.params),
+      params: await readAll(model.params),
+      m: await readAll(state.optimizer.expAvg),
+      ema: await readAll(trainer.ema!.params),
     };
     trainer.dispose();
     schedule.dispose();

@@ -12,7 +12,7 @@ import { makeSchedule } from "../core/schedule.ts";
 import { Trainer, type TrainerOptions } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
 import { Ema } from "../core/ema.ts";
-import { randoms, relErr } from "./_util.ts";
+import { randoms, readAll, relErr } from "./_util.ts";
 
 const hasWebGpu = (globalThis.navigator as Navigator | undefined)?.gpu !==
   undefined;
@@ -56,19 +56,14 @@ async function run(
       losses.push(r.loss);
       norms.push(r.gradNorm);
     }
-    const read = async (m: ReadonlyMap<string, tf.Tensor>) => {
-      const out = new Map<string, Float32Array>();
-      for (const [k, v] of m) out.set(k, await v.data() as Float32Array);
-      return out;
-    };
     const state = trainer.getState();
     const result: Run = {
       eps,
       losses,
       norms,
-      params: await read(unet.params),
-      ema: trainer.ema === null ? new Map() : await read(trainer.ema.params),
-      m: await read(state.optimizer.expAvg),
+      params: await readAll(unet.params),
+      ema: trainer.ema === null ? new Map() : await readAll(trainer.ema.params),
+      m: await readAll(state.optimizer.expAvg),
     };
     trainer.dispose();
     unet.dispose();
