@@ -14,7 +14,7 @@ import { parentPort } from "node:worker_threads";
 import { setWasmThreads } from "./wasm_threads.ts";
 import { initBackend, tf } from "./backend.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
-import { shardLoss } from "./_parallel.ts";
+import { type ShardInput, shardLoss } from "./_parallel.ts";
 
 interface InitMessage {
   kind: "init";
@@ -24,15 +24,9 @@ interface InitMessage {
   threads: number;
 }
 
-interface StepMessage {
+interface StepMessage extends ShardInput {
   kind: "step";
   id: number;
-  weights: Float32Array[] | null;
-  xt: Float32Array;
-  t: Int32Array;
-  eps: Float32Array;
-  shape: [number, number, number, number];
-  total: number;
 }
 
 let unet: UNet | null = null;
