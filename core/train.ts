@@ -205,6 +205,18 @@ function drawTimesteps(seed: number, n: number, T: number): Int32Array {
   return out;
 }
 
+/** A step's timesteps and noise as tensors (inside the caller's tidy). */
+function draws(
+  x0: tf.Tensor4D,
+  timesteps: Int32Array,
+  noiseSeed: number,
+): { t: tf.Tensor1D; eps: tf.Tensor4D } {
+  return {
+    t: tf.tensor1d(timesteps, "int32"),
+    eps: tf.randomNormal(x0.shape, 0, 1, "float32", noiseSeed) as tf.Tensor4D,
+  };
+}
+
 const TIMESTEP_STREAM = 1;
 const NOISE_STREAM = 2;
 
@@ -566,14 +578,7 @@ export class Trainer {
   ): LossAndGrads {
     const { vars, keyOf } = this.#trainable();
     const { loss, grads } = tf.tidy(() => {
-      const t = tf.tensor1d(timesteps, "int32");
-      const eps = tf.randomNormal(
-        x0.shape,
-        0,
-        1,
-        "float32",
-        noiseSeed,
-      ) as tf.Tensor4D;
+      const { t, eps } = draws(x0, timesteps, noiseSeed);
       const { value, grads: named } = tf.variableGrads(() => {
         const xt = qSample(x0, t, eps, this.schedule);
         const pred = this.model.predict(xt, t);
@@ -604,14 +609,7 @@ export class Trainer {
     const total = n * per;
     const shards = shardRows(n, pool.size + 1);
     const { t, eps, xt } = tf.tidy(() => {
-      const t = tf.tensor1d(timesteps, "int32");
-      const eps = tf.randomNormal(
-        x0.shape,
-        0,
-        1,
-        "float32",
-        noiseSeed,
-      ) as tf.Tensor4D;
+      const { t, eps } = draws(x0, timesteps, noiseSeed);
       return { t, eps, xt: qSample(x0, t, eps, this.schedule) };
     });
     const params = pool.keys.map((k) => this.model.params.get(k)!);
