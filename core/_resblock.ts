@@ -168,20 +168,10 @@ export function resBlock(
           groups,
           true,
         );
-        if (!hasSkip) {
-          return [
-            tf.add(dxMain, d),
-            dproj,
-            dg1,
-            dbe1,
-            dw1,
-            db1,
-            dg2,
-            dbe2,
-            dw2,
-            db2,
-          ];
-        }
+        // In the order of the op's inputs: x, proj, norm1, conv1, norm2,
+        // conv2, then the skip convolution's weight and bias.
+        const params = [dproj, dg1, dbe1, dw1, db1, dg2, dbe2, dw2, db2];
+        if (!hasSkip) return [tf.add(dxMain, d), ...params];
         const [dxs, dws, dbs] = convBackward(
           x0,
           wss as tf.Tensor4D,
@@ -190,20 +180,7 @@ export function resBlock(
           0,
           true,
         );
-        return [
-          tf.add(dxMain, dxs),
-          dproj,
-          dg1,
-          dbe1,
-          dw1,
-          db1,
-          dg2,
-          dbe2,
-          dw2,
-          db2,
-          dws,
-          dbs,
-        ];
+        return [tf.add(dxMain, dxs), ...params, dws, dbs];
       },
     };
   });
