@@ -38,6 +38,7 @@ import {
 } from "./_webgpu_optim.ts";
 import { qSample, type Schedule } from "./schedule.ts";
 import { UNet } from "./unet.ts";
+import { mulberry32 } from "./_random.ts";
 import {
   GradientPool,
   shardLoss,
@@ -192,17 +193,8 @@ function hash32(...xs: number[]): number {
 
 /** Uniform integers in [0, T) from mulberry32 seeded with `seed`. */
 function drawTimesteps(seed: number, n: number, T: number): Int32Array {
-  let a = seed >>> 0;
-  const out = new Int32Array(n);
-  for (let i = 0; i < n; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let z = a;
-    z = Math.imul(z ^ (z >>> 15), z | 1);
-    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
-    const u = ((z ^ (z >>> 14)) >>> 0) / 4294967296;
-    out[i] = Math.floor(u * T);
-  }
-  return out;
+  const u = mulberry32(seed);
+  return Int32Array.from({ length: n }, () => Math.floor(u() * T));
 }
 
 /** A step's timesteps and noise as tensors (inside the caller's tidy). */

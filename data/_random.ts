@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { mulberry32 } from "../core/_random.ts";
 
 /** splitmix32's finaliser: a 32-bit integer hash. */
 export function mix32(x: number): number {
@@ -14,17 +15,6 @@ export function mix32(x: number): number {
   x = Math.imul(x ^ (x >>> 16), 0x85ebca6b);
   x = Math.imul(x ^ (x >>> 13), 0xc2b2ae35);
   return (x ^ (x >>> 16)) >>> 0;
-}
-
-/** mulberry32: uniform floats in [0, 1) from a 32-bit seed. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** The permutation of 0..n-1 for one epoch: Fisher-Yates under mulberry32(mix(seed, epoch)). */

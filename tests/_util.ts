@@ -5,10 +5,10 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { mulberry32 } from "../data/_random.ts";
+import { mulberry32 } from "../core/_random.ts";
 
 /** Seeded uniform floats in [0, 1): the data pipeline's mulberry32. */
-export { mulberry32 as uniform } from "../data/_random.ts";
+export { mulberry32 as uniform } from "../core/_random.ts";
 
 /** n seeded uniform floats in [-1, 1). */
 export function randoms(n: number, seed: number): Float32Array {
@@ -38,6 +38,56 @@ export async function readAll(
   const out = new Map<string, Float32Array>();
   for (const [k, v] of m) out.set(k, await v.data() as Float32Array);
   return out;
+}
+
+/**
+ * GroupNorm statistics of NHWC `x` in float64, by the definition: for each
+ * image and group (image-major), the mean and r = 1 / sqrt(v + eps) with v
+ * the biased variance over H, W and the group's channels.
+ */
+export function groupStatsF64(
+  x: ArrayLike<number>,
+  shape: readonly number[],
+  groups: number,
+  eps = 1e-5,
+): { mean: number; r: number }[] {
+  const [n, h, w, c] = shape;
+  const per = c / groups;
+  const out: { mean: number; r: number }[] = [];
+  for (let i = 0; i < n; i++) {
+    for (let g = 0; g < groups; g++) {
+      const vals: number[] = [];
+      for (let p = 0; p < h * w; p++) {
+        for (let k = 0; k < per; k++) {
+          vals.push(x[(i * h * w + p) * c + g * per + k]);
+        }
+      }
+      const mean = vals.reduce((a, b) => a + b, 0) / vals.length;
+      const v = vals.reduce((a, b) => a + (b - mean) ** 2, 0) / vals.length;
+      out.push({ mean, r: 1 / Math.sqrt(v + eps) });
+    }
+  }
+  return out;
+}
+
+/** GroupNorm of NHWC `x` in float64: (x - mean) r gamma + beta per channel. */
+export function groupNormF64(
+  x: ArrayLike<number>,
+  shape: readonly number[],
+  gamma: ArrayLike<number>,
+  beta: ArrayLike<number>,
+  groups: number,
+  eps = 1e-5,
+): Float64Array {
+  const [, h, w, c] = shape;
+  const per = c / groups;
+  const stats = groupStatsF64(x, shape, groups, eps);
+  return Float64Array.from({ length: x.length }, (_, j) => {
+    const ch = j % c;
+    const { mean, r } =
+      stats[Math.floor(j / (h * w * c)) * groups + Math.floor(ch / per)];
+    return (x[j] - mean) * r * gamma[ch] + beta[ch];
+  });
 }
 
 /** Big-endian uint32 bytes. */

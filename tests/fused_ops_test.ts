@@ -9,21 +9,9 @@ import {
   resBlock,
   type ResBlockParams,
 } from "../core/_resblock.ts";
+import { groupNormF64, randoms } from "./_util.ts";
 
 await initBackend("cpu");
-
-function randoms(n: number, seed: number): Float32Array {
-  let a = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let z = a;
-    z = Math.imul(z ^ (z >>> 15), z | 1);
-    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
-    out[i] = ((z ^ (z >>> 14)) >>> 0) / 4294967296 * 2 - 1;
-  }
-  return out;
-}
 
 function maxRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let scale = 0;
@@ -132,25 +120,16 @@ Deno.test("groupNormSilu is silu of a float64 GroupNorm by hand", () => {
   const gamma = tf.tensor1d([1, -0.5, 2, 0.25]);
   const beta = tf.tensor1d([0, 0.1, -0.2, 0.3]);
   const got = groupNormSilu(x, gamma, beta, groups).dataSync();
-  const g = gamma.dataSync();
-  const b = beta.dataSync();
-  const per = c / groups;
-  for (let i = 0; i < n; i++) {
-    for (let grp = 0; grp < groups; grp++) {
-      const idx: number[] = [];
-      for (let p = 0; p < h * w; p++) {
-        for (let k = 0; k < per; k++) {
-          idx.push((i * h * w + p) * c + grp * per + k);
-        }
-      }
-      const mean = idx.reduce((a, j) => a + xs[j], 0) / idx.length;
-      const v = idx.reduce((a, j) => a + (xs[j] - mean) ** 2, 0) / idx.length;
-      for (const j of idx) {
-        const y = (xs[j] - mean) / Math.sqrt(v + 1e-5) * g[j % c] + b[j % c];
-        const want = y / (1 + Math.exp(-y));
-        assert.ok(Math.abs(got[j] - want) < 1e-5, `${j}: ${got[j]} vs ${want}`);
-      }
-    }
+  const y = groupNormF64(
+    xs,
+    [n, h, w, c],
+    gamma.dataSync(),
+    beta.dataSync(),
+    groups,
+  );
+  for (const [j, yj] of y.entries()) {
+    const want = yj / (1 + Math.exp(-yj));
+    assert.ok(Math.abs(got[j] - want) < 1e-5, `${j}: ${got[j]} vs ${want}`);
   }
   tf.dispose([x, gamma, beta]);
 });

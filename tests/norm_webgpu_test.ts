@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { groupNorm, groupNormSilu, normStats } from "../core/_layers.ts";
-import { randoms, relErr } from "./_util.ts";
+import { groupStatsF64, randoms, relErr } from "./_util.ts";
 
 type Shape = [number, number, number, number];
 
@@ -91,25 +91,9 @@ async function compute(backend: "cpu" | "webgpu"): Promise<Result[] | null> {
   return results;
 }
 
-/** (mean, r) per (image, group) in float64. */
+/** (mean, r) per (image, group) in float64, flat. */
 function statsF64(shape: Shape, groups: number, x: Float32Array): number[] {
-  const [n, h, w, c] = shape;
-  const per = c / groups;
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) {
-    for (let g = 0; g < groups; g++) {
-      const vals: number[] = [];
-      for (let p = 0; p < h * w; p++) {
-        for (let k = 0; k < per; k++) {
-          vals.push(x[(i * h * w + p) * c + g * per + k]);
-        }
-      }
-      const mean = vals.reduce((a, b) => a + b, 0) / vals.length;
-      const v = vals.reduce((a, b) => a + (b - mean) ** 2, 0) / vals.length;
-      out.push(mean, 1 / Math.sqrt(v + 1e-5));
-    }
-  }
-  return out;
+  return groupStatsF64(x, shape, groups).flatMap(({ mean, r }) => [mean, r]);
 }
 
 Deno.test("GroupNorm(+SiLU) on WebGPU: statistics, values and gradients equal the cpu tf-op path", async () => {

@@ -36,7 +36,8 @@ import { ImageBatcher } from "../../data/batches.ts";
 import type { ImageDataset } from "../../data/dataset.ts";
 import { holdoutSplit } from "../../data/holdout.ts";
 import { loadMnistLite } from "../../data/mnist_lite.ts";
-import { mix32, mulberry32 } from "../../data/_random.ts";
+import { mulberry32 } from "../../core/_random.ts";
+import { mix32 } from "../../data/_random.ts";
 
 /** Shift every image by a random (dy, dx) in [-max, max]^2, zero fill. */
 export function shiftImages(
