@@ -210,15 +210,17 @@ export class FastUploadBackend extends WebGPUBackend {
       return super.uploadToGPU(dataId);
     }
     const n = data.values.length;
+    // writeBuffer copies: pass typed arrays of the right kind as they are.
+    const values = data.values;
     const host = dtype === "float32"
-      ? Float32Array.from(data.values)
-      : Int32Array.from(data.values);
+      ? (values instanceof Float32Array ? values : Float32Array.from(values))
+      : (values instanceof Int32Array ? values : Int32Array.from(values));
     const buffer = self.bufferManager.acquireBuffer(
       n * 4,
       GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC |
         GPUBufferUsage.COPY_DST,
     );
-    self.queue.writeBuffer(buffer, 0, host);
+    self.queue.writeBuffer(buffer, 0, host as BufferSource);
     data.values = null;
     data.resource = buffer;
   }
