@@ -239,6 +239,32 @@ export function flattenInOrder(
 }
 
 /**
+ * The inverse of {@linkcode flattenInOrder}: pieces of `flat`, from
+ * `offset` on, shaped and keyed as `like` in its order.
+ *
+ * @param flat A vector holding the tensors back to back.
+ * @param like The shapes, by key, in the order they were flattened.
+ * @param offset Where the first piece starts.
+ * @returns New tensors, one per key of `like`; the caller owns them.
+ */
+export function sliceInOrder(
+  flat: tf.Tensor,
+  like: ReadonlyMap<string, { shape: number[]; size: number }>,
+  offset = 0,
+): Map<string, tf.Tensor> {
+  const out = new Map<string, tf.Tensor>();
+  let start = offset;
+  for (const [k, t] of like) {
+    out.set(
+      k,
+      tf.tidy(() => tf.reshape(tf.slice(flat, start, t.size), t.shape)),
+    );
+    start += t.size;
+  }
+  return out;
+}
+
+/**
  * The Euclidean norm of a vector (any shape, read flat): 2 WebGPU dispatches.
  *
  * @param x A float32 tensor on the WebGPU backend.

@@ -34,7 +34,7 @@
  * @module
  */
 import { tf } from "./backend.ts";
-import { emaStep, flattenInOrder } from "./_webgpu_optim.ts";
+import { emaStep, flattenInOrder, sliceInOrder } from "./_webgpu_optim.ts";
 
 /** How the EMA decay grows with the number of updates; see the module notes. */
 export type EmaDecayMode = "constant" | "warmup" | "ramp";
@@ -180,14 +180,9 @@ export class Ema {
    */
   get params(): Map<string, tf.Variable> {
     if (this.#current === "packed") {
-      const packed = this.#packed!;
-      let start = 0;
-      tf.tidy(() => {
-        for (const e of this.#params.values()) {
-          e.assign(tf.reshape(tf.slice(packed, start, e.size), e.shape));
-          start += e.size;
-        }
-      });
+      for (const [k, v] of sliceInOrder(this.#packed!, this.#params)) {
+        this.#params.get(k)!.assign(v);
+      }
       this.#current = "both";
     }
     return this.#params;

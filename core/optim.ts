@@ -35,6 +35,7 @@ import {
   adamwParam,
   type FlatClip,
   flattenInOrder,
+  sliceInOrder,
   STEP_FLAT,
 } from "./_webgpu_optim.ts";
 
@@ -322,19 +323,7 @@ export class AdamW {
         [...m].map(([k, v]) => [k, tf.clone(v)] as [string, tf.Tensor]),
       );
     }
-    return new Map(
-      [...this.params].map(([k, p]) => [
-        k,
-        tf.tidy(() =>
-          tf.reshape(
-            tf.slice(packed, [which * this.#total + this.#starts.get(k)!], [
-              p.size,
-            ]),
-            p.shape,
-          )
-        ),
-      ]),
-    );
+    return sliceInOrder(packed, this.params, which * this.#total);
   }
 
   /**
