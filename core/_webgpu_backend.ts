@@ -9,6 +9,7 @@
  *
  * @module
  */
+import * as tf from "@tensorflow/tfjs-core";
 import { WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
 
 /** The parts of tfjs's WebGPU backend that {@linkcode FastUploadBackend} touches. */
@@ -288,4 +289,48 @@ export function reuseDeviceObjects(device: GPUDevice): void {
     groups.set(key, group);
     return group;
   };
+}
+
+/**
+ * Make tfjs's WebGPU `AddN` correct for any number of inputs. Its program
+ * binds every input, and past the device's storage-buffer limit (less one
+ * for the output) WebGPU rejects it and tfjs silently returns a stale
+ * buffer (the sum of the first 7 of 86 tensors, with the default limit of
+ * 8). Longer lists are now added in rounds of at most that many.
+ */
+export function chunkAddN(): void {
+  const original = tf.getKernel("AddN", "webgpu");
+  if (original === undefined) return;
+  const kernelFunc: tf.KernelFunc = (args) => {
+    const inputs = args.inputs as unknown as tf.TensorInfo[];
+    const backend = args.backend as unknown as {
+      device: GPUDevice;
+      disposeData(dataId: object): void;
+    };
+    const most = backend.device.limits.maxStorageBuffersPerShaderStage - 1;
+    let parts = inputs;
+    const made: tf.TensorInfo[] = [];
+    while (parts.length > most) {
+      const next: tf.TensorInfo[] = [];
+      for (let i = 0; i < parts.length; i += most) {
+        const chunk = parts.slice(i, i + most);
+        next.push(
+          chunk.length === 1 ? chunk[0] : original.kernelFunc({
+            ...args,
+            inputs: chunk as unknown as tf.NamedTensorInfoMap,
+          }) as tf.TensorInfo,
+        );
+      }
+      made.push(...next.filter((t) => !inputs.includes(t)));
+      parts = next;
+    }
+    const out = original.kernelFunc({
+      ...args,
+      inputs: parts as unknown as tf.NamedTensorInfoMap,
+    });
+    for (const t of made) backend.disposeData(t.dataId);
+    return out;
+  };
+  tf.unregisterKernel("AddN", "webgpu");
+  tf.registerKernel({ ...original, kernelFunc });
 }

@@ -10,7 +10,11 @@
 import * as tf from "@tensorflow/tfjs-core";
 import "@tensorflow/tfjs-backend-cpu";
 import "@tensorflow/tfjs-backend-wasm";
-import { FastUploadBackend, reuseDeviceObjects } from "./_webgpu_backend.ts";
+import {
+  chunkAddN,
+  FastUploadBackend,
+  reuseDeviceObjects,
+} from "./_webgpu_backend.ts";
 // Lets DDPM_WASM_THREADS / setWasmThreads start wasm multithreaded under Deno.
 import "./wasm_threads.ts";
 
@@ -23,6 +27,7 @@ export { tf };
 if (tf.engine().registryFactory["webgpu"] !== undefined) {
   tf.removeBackend("webgpu");
 }
+chunkAddN();
 // Silence tfjs's "install tfjs-node" banner: Deno looks like Node to it.
 tf.env().set("PROD", true);
 

@@ -166,8 +166,8 @@ export function clipGradNorm(
   const [norm, ...clipped] = tf.tidy(() => {
     const sumSq = keys.length === 0
       ? tf.scalar(0)
-      // tf.stack, not tf.addN: tfjs's WebGPU AddN silently adds only the
-      // first maxStorageBuffersPerShaderStage - 1 inputs (7 of them).
+      // The per-tensor sums stacked and summed (this path runs on cpu and
+      // wasm; WebGPU takes the flat norm above).
       : tf.sum(tf.stack(keys.map((k) => tf.sum(tf.square(grads.get(k)!)))));
     const total = tf.sqrt(sumSq);
     const coef = tf.minimum(tf.div(maxNorm, tf.add(total, 1e-6)), 1);

@@ -118,3 +118,30 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "tf.addN on webgpu adds every input, past the storage-buffer limit too",
+  ignore: (globalThis.navigator as Navigator | undefined)?.gpu === undefined,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    try {
+      // tfjs's own kernel returned the sum of the first 7 of 86 inputs.
+      for (const n of [2, 7, 8, 40, 86, 300]) {
+        const xs = Array.from(
+          { length: n },
+          (_, i) => tf.fill([4096], i + 1),
+        );
+        const sum = tf.addN(xs);
+        const values = await sum.data();
+        assert.ok(
+          values.every((v) => v === n * (n + 1) / 2),
+          `${n} inputs: got ${values[0]}, expected ${n * (n + 1) / 2}`,
+        );
+        tf.dispose([sum, ...xs]);
+      }
+    } finally {
+      await initBackend("cpu");
+    }
+  },
+});
