@@ -1,13 +1,14 @@
 /**
- * Helpers shared by the tests: seeded numbers independent of the library's
- * and tfjs's generators, error measures, and hand-built IDX bytes.
+ * Helpers shared by the tests: seeded numbers (the library's mulberry32,
+ * not tfjs's generators), error measures, float64 references, and
+ * hand-built IDX bytes.
  *
  * @module
  */
 import assert from "node:assert/strict";
 import { mulberry32 } from "../core/_random.ts";
 
-/** Seeded uniform floats in [0, 1): the data pipeline's mulberry32. */
+/** Seeded uniform floats in [0, 1): the library's mulberry32 (core/_random.ts). */
 export { mulberry32 as uniform } from "../core/_random.ts";
 
 /** n seeded uniform floats in [-1, 1). */
