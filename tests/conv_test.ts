@@ -151,6 +151,15 @@ const CONV_CASES: ConvCase[] = [
   { x: [2, 9, 6, 2], k: 4, cout: 3, stride: 2, pad: 1 },
   { x: [1, 6, 6, 2], k: 3, cout: 2, stride: 2, pad: 2 },
   { x: [2, 8, 7, 3], k: 3, cout: 2, stride: 3, pad: 1 },
+  // Output channels a multiple of 8 at stride 1: the weight gradient is our
+  // wasm kernel's there (input channels in blocks of 6 and a remainder;
+  // more pixels than one chunk).
+  { x: [2, 8, 8, 7], k: 3, cout: 8, stride: 1, pad: 1 },
+  { x: [3, 5, 9, 13], k: 3, cout: 16, stride: 1, pad: 1 },
+  { x: [2, 6, 6, 5], k: 1, cout: 8, stride: 1, pad: 0 },
+  { x: [2, 7, 6, 4], k: 3, cout: 8, stride: 1, pad: 0 },
+  { x: [1, 6, 5, 3], k: 4, cout: 8, stride: 1, pad: 2 },
+  { x: [3, 20, 20, 6], k: 3, cout: 8, stride: 1, pad: 1 },
 ];
 
 interface ConvTCase {

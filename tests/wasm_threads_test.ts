@@ -18,16 +18,24 @@ async function child(threads: string): Promise<{
 }> {
   const backend = new URL("../core/backend.ts", import.meta.url).href;
   const wt = new URL("../core/wasm_threads.ts", import.meta.url).href;
+  const conv2d = new URL("../core/_conv.ts", import.meta.url).href;
   const code = `
     import { initBackend, tf } from "${backend}";
     import { wasmThreads } from "${wt}";
+    import { conv2d } from "${conv2d}";
     await initBackend("wasm");
     const x = tf.tensor4d(Array.from({ length: 2 * 9 * 9 * 16 }, (_, i) => Math.sin(i)), [2, 9, 9, 16]);
     const w = tf.tensor4d(Array.from({ length: 3 * 3 * 16 * 24 }, (_, i) => Math.cos(i)), [3, 3, 16, 24]);
     const a = tf.tensor2d(Array.from({ length: 96 * 80 }, (_, i) => Math.sin(3 * i)), [96, 80]);
     const conv = Array.from(await tf.conv2d(x, w, 1, "same").data());
     const mm = Array.from(await tf.matMul(a, a, false, true).data());
-    console.log(JSON.stringify({ backend: tf.getBackend(), threads: wasmThreads(), conv, mm }));
+    // The weight gradient of sum(conv(x, w) * r): ddpm's wasm kernel, on
+    // the threaded build's shared memory when threaded.
+    const r = tf.tensor4d(Array.from({ length: 2 * 9 * 9 * 24 }, (_, i) => Math.sin(7 * i)), [2, 9, 9, 24]);
+    const prof = await tf.profile(() => tf.grad((v) => tf.sum(tf.mul(conv2d(x, v, 1, 1), r)))(w));
+    const dw = Array.from(await prof.result.data());
+    const ours = prof.kernelNames.includes("DdpmFilterGrad");
+    console.log(JSON.stringify({ backend: tf.getBackend(), threads: wasmThreads(), conv, mm, dw, ours }));
   `;
   const t0 = performance.now();
   const out = await new Deno.Command(Deno.execPath(), {
@@ -45,7 +53,7 @@ async function child(threads: string): Promise<{
   };
 }
 
-Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build: same values as one thread, and the process exits by itself", async () => {
+Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's weight-gradient kernel on its shared memory: same values as one thread, and the process exits by itself", async () => {
   const [one, two] = [await child("1"), await child("2")];
   assert.equal(one.code, 0, one.stderr);
   assert.equal(two.code, 0, two.stderr);
@@ -55,8 +63,9 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build: same values
   assert.equal(b.backend, "wasm");
   assert.equal(a.threads, 1);
   assert.equal(b.threads, 2);
+  assert.ok(a.ours && b.ours, "the weight gradient is ddpm's wasm kernel's");
   // XNNPACK splits the work across threads, not the sums: equal up to rounding.
-  for (const key of ["conv", "mm"] as const) {
+  for (const key of ["conv", "mm", "dw"] as const) {
     const x = a[key] as number[];
     const y = b[key] as number[];
     assert.equal(x.length, y.length);
@@ -73,6 +82,15 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build: same values
   );
   const dot = rows[0].reduce((s, v, j) => s + v * rows[1][j], 0);
   assert.ok(Math.abs(b.mm[1] - dot) < 1e-4, `${b.mm[1]} vs ${dot}`);
+  // And of the weight gradient's centre tap: dW[1, 1, c, o] = sum over
+  // pixels of x[p, c] r[p, o] (no shift, no border).
+  const [c, o] = [5, 17];
+  let want = 0;
+  for (let p = 0; p < 2 * 9 * 9; p++) {
+    want += Math.sin(p * 16 + c) * Math.sin(7 * (p * 24 + o));
+  }
+  const got = b.dw[(4 * 16 + c) * 24 + o];
+  assert.ok(Math.abs(got - want) < 1e-4, `dW centre tap: ${got} vs ${want}`);
 });
 
 Deno.test("setWasmThreads rejects counts outside 1..8", () => {
