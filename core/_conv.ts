@@ -22,7 +22,7 @@ import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
 import { webgpuFilterGrad } from "./_webgpu_conv.ts";
-import { wasmFilterGrad } from "./_wasm_filter_grad.ts";
+import { wasmFilterGrad } from "./_wasm_kernels.ts";
 
 type Shape4 = [number, number, number, number];
 type ExplicitPadding = [
@@ -219,7 +219,7 @@ function adjoint(
  * On WebGPU, where tfjs runs that convolution with few workgroups each
  * looping over all of N OH OW, a split-K GEMM program of ours instead
  * (core/_webgpu_conv.ts); on wasm at stride 1, a kernel of ours, 2-3x
- * faster than XNNPACK's convolution (core/_wasm_filter_grad.ts).
+ * faster than XNNPACK's convolution (cor./_wasm_kernels.ts).
  */
 function filterGrad(
   input: tf.Tensor4D,

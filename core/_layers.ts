@@ -6,6 +6,7 @@
 import { tf } from "./backend.ts";
 import { spatialSum } from "./_reduce.ts";
 import { gpuNormAct, gpuNormGrad, gpuNormStats } from "./_webgpu_norm.ts";
+import { wasmNormAct, wasmNormStats } from "./_wasm_kernels.ts";
 
 /**
  * The reference's sinusoidal timestep embedding: with half = dim / 2 and
@@ -140,6 +141,8 @@ export function normStats(
     const packed = gpuNormStats(x, groups, eps);
     return { mean: packed, r: packed };
   }
+  const ours = wasmNormStats(x, groups, eps);
+  if (ours !== null) return { mean: ours[0], r: ours[1] };
   return tf.tidy(() => {
     const [, h, w, c] = x.shape;
     const count = h * w * (c / groups);
@@ -171,6 +174,8 @@ export function normActApply(
   if (onWebGpu()) {
     return gpuNormAct(x, stats.mean, gamma, beta, act);
   }
+  const ours = wasmNormAct(x, stats.mean, stats.r, gamma, beta, act);
+  if (ours !== null) return ours;
   return tf.tidy(() => {
     // (x - mean) (r gamma) + beta, with the per-channel factors folded first.
     const y = tf.add(

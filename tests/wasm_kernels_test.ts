@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d } from "../core/_conv.ts";
+import { groupNorm, groupNormSilu } from "../core/_layers.ts";
+import { groupNormF64, randoms } from "./_util.ts";
 import { assembleKernels, BIN_PATH, binSource } from "./tools/wasm_kernels.ts";
 
 Deno.test("the committed wasm kernels are the ones tests/tools/wasm_kernels.ts assembles from its text", async () => {
@@ -67,5 +69,102 @@ Deno.test("on wasm, stride-1 conv weight gradients with Cout a multiple of 8 run
   }
   assert.equal(tf.memory().numTensors, before);
   x.dispose();
+  await initBackend("cpu");
+});
+
+Deno.test("on wasm, GroupNorm (+ SiLU) with C a multiple of 4 runs ddpm's kernels and matches a float64 GroupNorm by hand", async () => {
+  await initBackend("wasm");
+  const cases: [number[], number, number][] = [
+    // shape, groups, offset of the values (a large one tests the two passes)
+    [[2, 5, 5, 16], 4, 0],
+    [[3, 4, 6, 32], 2, 1000],
+    [[1, 3, 3, 8], 8, -3],
+  ];
+  for (const [shape, groups, offset] of cases) {
+    const c = shape[3];
+    const xs = randoms(shape.reduce((a, b) => a * b), 40).map((v, i) =>
+      offset + 3 * v + (i % c) / c
+    );
+    const gs = randoms(c, 41).map((v) => 1 + v);
+    const bs = randoms(c, 42);
+    const x = tf.tensor4d(xs, shape as [number, number, number, number]);
+    const gamma = tf.tensor1d(gs);
+    const beta = tf.tensor1d(bs);
+    const y = groupNormF64(xs, shape, gs, bs, groups);
+    for (const act of [false, true]) {
+      const info = await tf.profile(() =>
+        (act ? groupNormSilu : groupNorm)(x, gamma, beta, groups)
+      );
+      assert.ok(info.kernelNames.includes("DdpmNormStats"), `${shape}`);
+      assert.ok(info.kernelNames.includes("DdpmNormAct"), `${shape}`);
+      const out = info.result as tf.Tensor;
+      const got = await out.data();
+      out.dispose();
+      let err = 0;
+      for (const [j, yj] of y.entries()) {
+        const want = act ? yj / (1 + Math.exp(-yj)) : yj;
+        err = Math.max(err, Math.abs(got[j] - want));
+      }
+      // A mean of 1000 in float32 leaves about 1e-4 of (x - mean) r.
+      const tol = offset === 1000 ? 2e-3 : 2e-5;
+      assert.ok(err < tol, `${shape} act ${act}: ${err}`);
+    }
+    tf.dispose([x, gamma, beta]);
+  }
+  await initBackend("cpu");
+});
+
+Deno.test("on wasm, ddpm's GroupNorm + SiLU kernel keeps NaN, saturates SiLU at +-100, and leaves C = 6 to tfjs", async () => {
+  await initBackend("wasm");
+  // Image 0: a NaN in group 0 (channels 0, 1) turns that group NaN; group 1
+  // gets gamma 0 and beta 7 and -90, so that its SiLU sees those. Image 1:
+  // values up to +-100 in group 0.
+  const c = 4;
+  const xs = new Float32Array(2 * 2 * 2 * c).fill(1);
+  xs[4] = NaN;
+  const tails = [100, -100, 3, -50];
+  for (let p = 0; p < 4; p++) {
+    xs[16 + p * c] = tails[p];
+    xs[16 + p * c + 1] = tails[3 - p] / 2;
+  }
+  const x = tf.tensor4d(xs, [2, 2, 2, c]);
+  const gamma = tf.tensor1d([1, 1, 0, 0]);
+  const beta = tf.tensor1d([0, 0, 7, -90]);
+  const y = groupNormSilu(x, gamma, beta, 2);
+  const got = await y.data();
+  const silu = (v: number) => v / (1 + Math.exp(-v));
+  for (let p = 0; p < 4; p++) {
+    assert.ok(Number.isNaN(got[p * c]) && Number.isNaN(got[p * c + 1]));
+    assert.ok(Math.abs(got[p * c + 2] - silu(7)) < 1e-5, `${got[p * c + 2]}`);
+    assert.ok(Math.abs(got[p * c + 3]) < 1e-30, `silu(-90): ${got[p * c + 3]}`);
+  }
+  const g0 = xs.slice(16).filter((_, j) => j % c < 2);
+  const mean = g0.reduce((a, b) => a + b, 0) / g0.length;
+  const r = 1 /
+    Math.sqrt(g0.reduce((a, b) => a + (b - mean) ** 2, 0) / g0.length + 1e-5);
+  for (let j = 16; j < 32; j++) {
+    if (j % c >= 2) continue;
+    const want = silu((xs[j] - mean) * r);
+    assert.ok(Math.abs(got[j] - want) < 1e-5, `${j}: ${got[j]} vs ${want}`);
+  }
+  y.dispose();
+  // SiLU's own tails: 100 stays 100, -100 goes to -0.
+  const big = tf.tensor4d([100, -100, 100, -100], [1, 1, 1, 4]);
+  const t = groupNormSilu(
+    big,
+    tf.zeros([4]),
+    tf.tensor1d([100, -100, 88.5, -88.5]),
+    1,
+  );
+  const tv = await t.data();
+  assert.ok(Math.abs(tv[0] - 100) < 1e-4 && Math.abs(tv[1]) < 1e-30, `${tv}`);
+  assert.ok(Math.abs(tv[2] - 88.5) < 1e-4 && Math.abs(tv[3]) < 1e-30, `${tv}`);
+  // C = 6 is left to tfjs's composite.
+  const x6 = tf.ones([1, 2, 2, 6]) as tf.Tensor4D;
+  const info = await tf.profile(() =>
+    groupNormSilu(x6, tf.ones([6]), tf.zeros([6]), 2)
+  );
+  assert.ok(!info.kernelNames.includes("DdpmNormAct"));
+  tf.dispose([x, gamma, beta, big, t, x6, info.result as tf.Tensor]);
   await initBackend("cpu");
 });

@@ -11,7 +11,7 @@
  * One kernel today: the weight gradient of a stride-1 convolution,
  * `dW[i, j, c, o] = sum over pixels p of x[p + (i, j)][c] dy[p][o]`,
  * computed from a zero-padded input and a gradient laid on the same padded
- * grid (see core/_wasm_filter_grad.ts). On that grid the tap (i, j) is a
+ * grid (see cor./_wasm_kernels.ts). On that grid the tap (i, j) is a
  * constant shift `i Wp + j` of the flattened pixel index, so each tap is a
  * plain GEMM over pixels: `dW[tap] = X[shift..]^T DY`, rows of X and DY
  * contiguous. The micro-kernel holds a 6 x 8 block of dW (6 input channels
@@ -133,6 +133,180 @@ const DRIVER = `
     (br $chunks))))
 `;
 
+/** Cephes's expf polynomial on [-ln2/2, ln2/2], highest degree first. */
+const EXP_POLY = [
+  1.9875691500e-4,
+  1.3981999507e-3,
+  8.3334519073e-3,
+  4.1665795894e-2,
+  1.6666665459e-1,
+  5.0000001201e-1,
+];
+
+/** 1.5 2^23: adding it rounds a float of magnitude below 2^22 to an integer. */
+const MAGIC = 12582912;
+/** Its bits. */
+const MAGIC_BITS = 0x4b400000;
+
+/** A four-lane f32 constant. */
+const splat = (v: number) => `(v128.const f32x4 ${v} ${v} ${v} ${v})`;
+
+/**
+ * Instructions that set `$s` to 1 / (1 + exp(-y)) on four lanes of the
+ * local `$y` (inline: a call per vector costs more than the math), exp as
+ * Cephes's expf (range reduction by ln 2 in two parts, a degree-7
+ * polynomial, the exponent built in the float's bits), its argument
+ * clamped to where it is finite; NaN stays NaN. Uses locals $e, $t, $k,
+ * $q, and its constants are locals set once before the loop (`init`):
+ * V8 rebuilds a SIMD constant each time it meets one, and they cost as
+ * much as the math.
+ */
+function sigmoidInline(): { locals: string; init: string; body: string } {
+  const consts: string[] = [];
+  const body = sigmoidText().replace(/\(v128\.const f32x4 [^)]*\)/g, (c) => {
+    if (!consts.includes(c)) consts.push(c);
+    return `(local.get $sc${consts.indexOf(c)})`;
+  });
+  return {
+    locals: consts.map((_, i) => `(local $sc${i} v128)`).join(" "),
+    init: consts.map((c, i) => `(local.set $sc${i} ${c})`).join("\n"),
+    body,
+  };
+}
+
+/** The sigmoid's instructions with its constants inline. */
+function sigmoidText(): string {
+  const horner = EXP_POLY.slice(1).map((c) =>
+    `(local.set $q (f32x4.add (f32x4.mul (local.get $q) (local.get $e)) ${
+      splat(c)
+    }))`
+  );
+  return [
+    // pmin/pmax are single instructions (min/max are not) and keep a NaN
+    // in their first operand.
+    `(local.set $e (f32x4.pmin (f32x4.pmax (f32x4.neg (local.get $y)) ${
+      splat(-87.3)
+    }) ${splat(88.3)}))`,
+    // t = e log2(e) + 1.5 2^23 rounds to an integer k held in t's low
+    // mantissa bits: k = t - 1.5 2^23 as a float, bits(t) - bits(1.5 2^23)
+    // as an integer.
+    `(local.set $t (f32x4.add (f32x4.mul (local.get $e) ${
+      splat(1.4426950408889634)
+    }) ${splat(MAGIC)}))`,
+    `(local.set $k (f32x4.sub (local.get $t) ${splat(MAGIC)}))`,
+    // e is now r = x - k ln 2, in two parts.
+    `(local.set $e (f32x4.sub (local.get $e) (f32x4.mul (local.get $k) ${
+      splat(0.693359375)
+    })))`,
+    `(local.set $e (f32x4.sub (local.get $e) (f32x4.mul (local.get $k) ${
+      splat(-2.12194440e-4)
+    })))`,
+    `(local.set $q ${splat(EXP_POLY[0])})`,
+    ...horner,
+    // exp(r) = q r^2 + r + 1, times 2^k.
+    `(local.set $q (f32x4.add (f32x4.add (f32x4.mul (local.get $q) (f32x4.mul (local.get $e) (local.get $e))) (local.get $e)) ${
+      splat(1)
+    }))`,
+    `(local.set $q (f32x4.mul (local.get $q) (i32x4.shl (i32x4.add (i32x4.sub (local.get $t) (i32x4.splat (i32.const ${MAGIC_BITS}))) (i32x4.splat (i32.const 127))) (i32.const 23))))`,
+    `(local.set $s (f32x4.div ${splat(1)} (f32x4.add ${
+      splat(1)
+    } (local.get $q))))`,
+  ].join("\n");
+}
+
+/**
+ * GroupNorm's statistics and its application (with SiLU), NHWC with C a
+ * multiple of 4, images one after another:
+ *
+ * - `norm_stats(x, mean, r, n, hw, c, groups, eps)`: per image, sums per
+ *   channel over the hw pixels, then per group the mean; again for the
+ *   squared deviations from it, then r = 1 / sqrt(variance + eps) (two
+ *   passes, as tfjs's composite); mean and r broadcast to the channels,
+ *   `[n, c]` each.
+ * - `norm_act(x, mean, r, gamma, beta, out, n, hw, c, act)`:
+ *   y = (x - mean) (r gamma) + beta, and y sigmoid(y) when act.
+ */
+const SIG = sigmoidInline();
+const NORM = `
+(func $channel_sums (param $x i32) (param $acc i32) (param $hw i32) (param $c4 i32) (param $mean i32) (param $square i32)
+  (local $p i32) (local $o i32) (local $v v128)
+  (memory.fill (local.get $acc) (i32.const 0) (local.get $c4))
+  (local.set $p (local.get $hw))
+  (loop $pixels
+    (local.set $o (i32.const 0))
+    (loop $chans
+      (local.set $v (v128.load (i32.add (local.get $x) (local.get $o))))
+      (if (local.get $square) (then
+        (local.set $v (f32x4.sub (local.get $v) (v128.load (i32.add (local.get $mean) (local.get $o)))))
+        (local.set $v (f32x4.mul (local.get $v) (local.get $v)))))
+      (v128.store (i32.add (local.get $acc) (local.get $o))
+        (f32x4.add (v128.load (i32.add (local.get $acc) (local.get $o))) (local.get $v)))
+      (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
+    (local.set $x (i32.add (local.get $x) (local.get $c4)))
+    (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1))))))
+
+;; Replace each channel's sum in acc by its group's sum / count, or by
+;; 1 / sqrt(that + eps) when rsqrt.
+(func $group_reduce (param $acc i32) (param $c i32) (param $groups i32) (param $count f64) (param $eps f64) (param $rsqrt i32)
+  (local $per i32) (local $g i32) (local $k i32) (local $s f64) (local $at i32)
+  (local.set $per (i32.div_u (local.get $c) (local.get $groups)))
+  (loop $group
+    (local.set $at (i32.add (local.get $acc) (i32.shl (i32.mul (local.get $g) (local.get $per)) (i32.const 2))))
+    (local.set $s (f64.const 0))
+    (local.set $k (i32.const 0))
+    (loop $sum
+      (local.set $s (f64.add (local.get $s) (f64.promote_f32 (f32.load (i32.add (local.get $at) (i32.shl (local.get $k) (i32.const 2)))))))
+      (br_if $sum (i32.lt_u (local.tee $k (i32.add (local.get $k) (i32.const 1))) (local.get $per))))
+    (local.set $s (f64.div (local.get $s) (local.get $count)))
+    (if (local.get $rsqrt) (then
+      (local.set $s (f64.div (f64.const 1) (f64.sqrt (f64.promote_f32 (f32.add (f32.demote_f64 (local.get $s)) (f32.demote_f64 (local.get $eps)))))))))
+    (local.set $k (i32.const 0))
+    (loop $put
+      (f32.store (i32.add (local.get $at) (i32.shl (local.get $k) (i32.const 2))) (f32.demote_f64 (local.get $s)))
+      (br_if $put (i32.lt_u (local.tee $k (i32.add (local.get $k) (i32.const 1))) (local.get $per))))
+    (br_if $group (i32.lt_u (local.tee $g (i32.add (local.get $g) (i32.const 1))) (local.get $groups)))))
+
+(func (export "norm_stats") (param $x i32) (param $mean i32) (param $r i32) (param $n i32) (param $hw i32) (param $c i32) (param $groups i32) (param $eps f32)
+  (local $c4 i32) (local $count f64)
+  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
+  (local.set $count (f64.convert_i32_u (i32.mul (local.get $hw) (i32.div_u (local.get $c) (local.get $groups)))))
+  (loop $images
+    (call $channel_sums (local.get $x) (local.get $mean) (local.get $hw) (local.get $c4) (local.get $mean) (i32.const 0))
+    (call $group_reduce (local.get $mean) (local.get $c) (local.get $groups) (local.get $count) (f64.const 0) (i32.const 0))
+    (call $channel_sums (local.get $x) (local.get $r) (local.get $hw) (local.get $c4) (local.get $mean) (i32.const 1))
+    (call $group_reduce (local.get $r) (local.get $c) (local.get $groups) (local.get $count) (f64.promote_f32 (local.get $eps)) (i32.const 1))
+    (local.set $x (i32.add (local.get $x) (i32.mul (local.get $hw) (local.get $c4))))
+    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
+    (local.set $r (i32.add (local.get $r) (local.get $c4)))
+    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
+
+(func (export "norm_act") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $out i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
+  (local $c4 i32) (local $p i32) (local $o i32) (local $y v128) (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
+  ${SIG.init}
+  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
+  (loop $images
+    (local.set $p (local.get $hw))
+    (loop $pixels
+      (local.set $o (i32.const 0))
+      (loop $chans
+        (local.set $y (f32x4.add
+          (f32x4.mul
+            (f32x4.sub (v128.load (i32.add (local.get $x) (local.get $o))) (v128.load (i32.add (local.get $mean) (local.get $o))))
+            (f32x4.mul (v128.load (i32.add (local.get $r) (local.get $o))) (v128.load (i32.add (local.get $gamma) (local.get $o)))))
+          (v128.load (i32.add (local.get $beta) (local.get $o)))))
+        (if (local.get $act) (then
+${SIG.body}
+          (local.set $y (f32x4.mul (local.get $y) (local.get $s)))))
+        (v128.store (i32.add (local.get $out) (local.get $o)) (local.get $y))
+        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
+      (local.set $x (i32.add (local.get $x) (local.get $c4)))
+      (local.set $out (i32.add (local.get $out) (local.get $c4)))
+      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
+    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
+    (local.set $r (i32.add (local.get $r) (local.get $c4)))
+    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
+`;
+
 /**
  * The kernels' WebAssembly text.
  *
@@ -142,7 +316,7 @@ const DRIVER = `
 export function kernelsWat(shared: boolean): string {
   const memory = shared ? "(memory 1 65536 shared)" : "(memory 1)";
   const kernels = [1, 2, 3, 4, 5, 6].map(microKernel).join("\n");
-  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER})`;
+  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM})`;
 }
 
 /**

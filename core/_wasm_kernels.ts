@@ -1,0 +1,281 @@
+/**
+ * ddpm's own kernels on the wasm backend (assembled by
+ * tests/tools/wasm_kernels.ts), working in tfjs's own wasm memory and
+ * registered as tfjs kernels:
+ *
+ * - the weight gradient of a stride-1 convolution, 2-3x faster than tfjs's
+ *   way of computing it, a convolution over the batch axis (XNNPACK, 11-23
+ *   GFLOP/s against 28-39 on the 2-core development machine);
+ * - GroupNorm's statistics, and its application with SiLU, one pass each
+ *   where tfjs's composite makes about a dozen.
+ *
+ * For the weight gradient, both the input and the output gradient are laid on the input's padded
+ * grid `[N, H + 2 pad, W + 2 pad, C]` (the gradient at the top left of each
+ * image, zeros below and to the right), where the kernel tap (i, j) is the
+ * constant shift `i (W + 2 pad) + j` of the flattened pixel index: pixels
+ * a tap would take from outside the image meet zeros, and the zeros of the
+ * gradient cancel what a shift carries over from the next row or image.
+ *
+ * The kernels need WebAssembly's relaxed SIMD (Chrome 114, Firefox 120,
+ * Deno 1.35 and later) and tfjs's memory object; without either, the
+ * caller is told to use tfjs's way.
+ *
+ * @module
+ */
+import { tf } from "./backend.ts";
+import { KERNELS_PLAIN, KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
+
+/** The exports of ddpm's wasm kernels. */
+interface Kernels {
+  filter_grad(
+    x: number,
+    dy: number,
+    out: number,
+    q: number,
+    ci: number,
+    co: number,
+    kh: number,
+    kw: number,
+    wp: number,
+    pc: number,
+  ): void;
+  norm_stats(
+    x: number,
+    mean: number,
+    r: number,
+    n: number,
+    hw: number,
+    c: number,
+    groups: number,
+    eps: number,
+  ): void;
+  norm_act(
+    x: number,
+    mean: number,
+    r: number,
+    gamma: number,
+    beta: number,
+    out: number,
+    n: number,
+    hw: number,
+    c: number,
+    act: number,
+  ): void;
+}
+
+/** What this module uses of tfjs's wasm backend. */
+interface WasmBackendLike {
+  wasm: {
+    /** The memory of tfjs's threaded build. */
+    wasmMemory?: WebAssembly.Memory;
+    /** The exports of its single-threaded build, memory among them. */
+    asm?: { memory?: WebAssembly.Memory };
+  };
+  dataIdMap: { get(dataId: object): { memoryOffset: number } };
+  makeOutput(shape: number[], dtype: "float32"): tf.TensorInfo;
+}
+
+/** Our kernels per tfjs wasm module (null: they cannot run there). */
+const instances = new WeakMap<object, Kernels | null>();
+
+function decode(b64: string): Uint8Array<ArrayBuffer> {
+  return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+}
+
+/** Our kernels, instantiated on the memory of the backend's wasm module. */
+function kernelsOf(backend: WasmBackendLike): Kernels | null {
+  const mod = backend.wasm;
+  if (instances.has(mod)) return instances.get(mod)!;
+  let kernels: Kernels | null = null;
+  const memory = mod.wasmMemory ?? mod.asm?.memory;
+  if (memory instanceof WebAssembly.Memory) {
+    const shared = typeof SharedArrayBuffer !== "undefined" &&
+      memory.buffer instanceof SharedArrayBuffer;
+    const bytes = decode(shared ? KERNELS_SHARED : KERNELS_PLAIN);
+    // Invalid where relaxed SIMD is not supported.
+    if (WebAssembly.validate(bytes)) {
+      try {
+        const instance = new WebAssembly.Instance(
+          new WebAssembly.Module(bytes),
+          { env: { memory } },
+        );
+        kernels = instance.exports as unknown as Kernels;
+      } catch {
+        kernels = null;
+      }
+    }
+  }
+  instances.set(mod, kernels);
+  return kernels;
+}
+
+/** Pixels per chunk: a chunk of both operands, about 256 KB, stays in L2. */
+function chunkPixels(ci: number, co: number): number {
+  return Math.max(64, Math.min(1024, Math.floor(65536 / (ci + co))));
+}
+
+/** Register a wasm kernel of ours that calls `run` with the backend, our exports and a byte-offset lookup. */
+function register(
+  kernelName: string,
+  run: (
+    b: WasmBackendLike,
+    k: Kernels,
+    inputs: Record<string, tf.TensorInfo>,
+    attrs: Record<string, number>,
+    at: (t: tf.TensorInfo) => number,
+  ) => tf.TensorInfo | tf.TensorInfo[],
+): void {
+  tf.registerKernel({
+    kernelName,
+    backendName: "wasm",
+    kernelFunc: ({ inputs, backend, attrs }) => {
+      const b = backend as unknown as WasmBackendLike;
+      const at = (t: tf.TensorInfo) => b.dataIdMap.get(t.dataId).memoryOffset;
+      return run(
+        b,
+        kernelsOf(b)!,
+        inputs as Record<string, tf.TensorInfo>,
+        (attrs ?? {}) as Record<string, number>,
+        at,
+      );
+    },
+  });
+}
+
+register("DdpmFilterGrad", (b, k, { x, dy }, { kh, kw }, at) => {
+  const [n, hp, wp, ci] = x.shape;
+  const co = dy.shape[3];
+  const out = b.makeOutput([kh, kw, ci, co], "float32");
+  k.filter_grad(
+    at(x),
+    at(dy),
+    at(out),
+    n * hp * wp,
+    ci,
+    co,
+    kh,
+    kw,
+    wp,
+    chunkPixels(ci, co),
+  );
+  return out;
+});
+
+register("DdpmNormStats", (b, k, { x }, { groups, eps }, at) => {
+  const [n, h, w, c] = x.shape;
+  const mean = b.makeOutput([n, 1, 1, c], "float32");
+  const r = b.makeOutput([n, 1, 1, c], "float32");
+  k.norm_stats(at(x), at(mean), at(r), n, h * w, c, groups, eps);
+  return [mean, r];
+});
+
+register("DdpmNormAct", (b, k, { x, mean, r, gamma, beta }, { act }, at) => {
+  const [n, h, w, c] = x.shape;
+  const out = b.makeOutput(x.shape, "float32");
+  k.norm_act(
+    at(x),
+    at(mean),
+    at(r),
+    at(gamma),
+    at(beta),
+    at(out),
+    n,
+    h * w,
+    c,
+    act,
+  );
+  return out;
+});
+
+/** Whether our kernels run on the active backend (wasm, with relaxed SIMD). */
+function available(): boolean {
+  return tf.getBackend() === "wasm" &&
+    kernelsOf(tf.backend() as unknown as WasmBackendLike) !== null;
+}
+
+/**
+ * The gradient of `conv2d(input, w, 1, pad)` with respect to its `[kh, kw,
+ * Cin, Cout]` kernel, given the gradient `dy` of its output, on the wasm
+ * backend; null where our kernel does not apply (another backend, Cout not
+ * a multiple of 8, no relaxed SIMD), for the caller to compute it another way.
+ *
+ * @param input The convolution's input `[N, H, W, Cin]`.
+ * @param dy The gradient of its output `[N, H + 2 pad - kh + 1, W + 2 pad - kw + 1, Cout]`.
+ * @param kh Kernel height.
+ * @param kw Kernel width.
+ * @param pad Zero pixels on each side.
+ * @returns dW `[kh, kw, Cin, Cout]`, or null.
+ */
+export function wasmFilterGrad(
+  input: tf.Tensor4D,
+  dy: tf.Tensor4D,
+  kh: number,
+  kw: number,
+  pad: number,
+): tf.Tensor4D | null {
+  if (dy.shape[3] % 8 !== 0 || !available()) return null;
+  return tf.tidy(() => {
+    const x = pad > 0
+      ? tf.pad(input, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+      : input;
+    const g = kh > 1 || kw > 1
+      ? tf.pad(dy, [[0, 0], [0, kh - 1], [0, kw - 1], [0, 0]])
+      : dy;
+    return tf.engine().runKernel("DdpmFilterGrad", { x, dy: g }, {
+      kh,
+      kw,
+    }) as tf.Tensor4D;
+  });
+}
+
+/**
+ * GroupNorm's per-(image, group) mean and r = 1 / sqrt(biased variance +
+ * eps), broadcast to `[N, 1, 1, C]`, on the wasm backend; null where our
+ * kernel does not apply (another backend, C not a multiple of 4).
+ *
+ * @param x `[N, H, W, C]`, C divisible by `groups`.
+ * @param groups Number of groups.
+ * @param eps Added to the variance.
+ * @returns `[mean, r]`, or null.
+ */
+export function wasmNormStats(
+  x: tf.Tensor4D,
+  groups: number,
+  eps: number,
+): [tf.Tensor4D, tf.Tensor4D] | null {
+  if (x.shape[3] % 4 !== 0 || x.size === 0 || !available()) return null;
+  const [mean, r] = tf.engine().runKernel(
+    "DdpmNormStats",
+    { x },
+    { groups, eps },
+  ) as tf.Tensor4D[];
+  return [mean, r];
+}
+
+/**
+ * `(x - mean) (r gamma) + beta`, and its SiLU when `act`, on the wasm
+ * backend; null where our kernel does not apply.
+ *
+ * @param x `[N, H, W, C]`.
+ * @param mean Per-(image, channel) means `[N, 1, 1, C]`.
+ * @param r Per-(image, channel) 1 / std `[N, 1, 1, C]`.
+ * @param gamma Per-channel scale `[C]`.
+ * @param beta Per-channel shift `[C]`.
+ * @param act Whether SiLU follows.
+ * @returns `[N, H, W, C]`, or null.
+ */
+export function wasmNormAct(
+  x: tf.Tensor4D,
+  mean: tf.Tensor,
+  r: tf.Tensor,
+  gamma: tf.Tensor,
+  beta: tf.Tensor,
+  act: boolean,
+): tf.Tensor4D | null {
+  if (x.shape[3] % 4 !== 0 || x.size === 0 || !available()) return null;
+  return tf.engine().runKernel(
+    "DdpmNormAct",
+    { x, mean, r, gamma, beta },
+    { act: act ? 1 : 0 },
+  ) as tf.Tensor4D;
+}
