@@ -46,11 +46,13 @@ import {
   type RunSetup,
   type RunSetupInput,
   type SamplerPlugin,
+  setWasmThreads,
   spreadImages,
   type StepMetrics,
   tf,
   TrainingRun,
   validateSamplerOptions,
+  wasmThreads,
   writeFileAtomic,
   writeNpy,
   writePng,
@@ -150,6 +152,7 @@ OPTIONS
   --out FILE              output file (default sample_<sampler>.png beside the checkpoint)
   --format png|npy        PNG grid, or float32 NHWC array in [-1, 1] (default from --out)
   --backend NAME          auto (default), webgpu, wasm or cpu
+  --threads N|auto        wasm threads (default auto: one per core, up to 8)
   -h, --help              show this help
 `;
 
@@ -407,7 +410,10 @@ const DATASET_NAMES: readonly DatasetName[] = [
 async function startBackend(values: Record<string, unknown>) {
   const name = choiceOpt(values, "backend", BACKENDS) ?? "auto";
   const got = await initBackend(name);
-  say(`backend ${got.backend} (${got.reason})`);
+  const threads = got.backend === "wasm"
+    ? `, ${wasmThreads()} thread${wasmThreads() === 1 ? "" : "s"}`
+    : "";
+  say(`backend ${got.backend}${threads} (${got.reason})`);
   return got;
 }
 
@@ -610,17 +616,36 @@ function checkResumeFlags(
   }
 }
 
-/** --workers: "auto" (the default) or an integer in [1, 8]. */
-function workersOpt(values: Record<string, unknown>): number | "auto" {
-  const raw = str(values, "workers");
+/** --workers or --threads: "auto" (the default) or an integer in [1, 8]. */
+function countOpt(
+  values: Record<string, unknown>,
+  name: "workers" | "threads",
+): number | "auto" {
+  const raw = str(values, name);
   if (raw === undefined || raw === "auto") return "auto";
   const n = Number(raw);
   if (raw.trim() === "" || !Number.isInteger(n) || n < 1 || n > 8) {
     throw new UsageError(
-      `--workers out of range (got "${raw}", expected auto or an integer in [1, 8])`,
+      `--${name} out of range (got "${raw}", expected auto or an integer in [1, 8])`,
     );
   }
   return n;
+}
+
+/**
+ * --threads of sample and eval: the wasm backend's threads, one per core
+ * (up to 8) by default; without the flag, DDPM_WASM_THREADS still decides
+ * when it is set. Takes effect when the backend starts.
+ */
+function chooseThreads(values: Record<string, unknown>): void {
+  const n = countOpt(values, "threads");
+  if (values.threads === undefined && Deno.env.get("DDPM_WASM_THREADS")) {
+    setWasmThreads(null);
+    return;
+  }
+  setWasmThreads(
+    n === "auto" ? Math.min(8, navigator.hardwareConcurrency || 1) : n,
+  );
 }
 
 async function train(args: string[]): Promise<number> {
@@ -691,7 +716,7 @@ async function train(args: string[]): Promise<number> {
   }
   await checkWritableDir(out, "output folder");
 
-  const workers = workersOpt(values);
+  const workers = countOpt(values, "workers");
   const backend = await startBackend(values);
   const overrides = {
     checkpointEvery,
@@ -945,6 +970,7 @@ const SAMPLE_OPTIONS: Record<string, OptionDef> = {
   out: { type: "string" },
   format: { type: "string" },
   backend: { type: "string" },
+  threads: { type: "string" },
 };
 
 /** The sampler's own options as flags: option name -> flag name (common ones excluded). */
@@ -1064,6 +1090,7 @@ async function sampleFromArgs(
   if (values.ema === true && values.live === true) {
     throw new UsageError("give --ema or --live, not both");
   }
+  countOpt(values, "threads"); // checked now, applied before the backend starts
   // The sampler's options, typed by its schema.
   const opts: Record<string, unknown> = {};
   for (const [name, flag] of own) {
@@ -1108,6 +1135,7 @@ async function sampleFromArgs(
   }
   await beforeLoad(values, checkpoint);
 
+  chooseThreads(values);
   await startBackend(values);
   const model = await loadTrainedModel(checkpoint, {
     weights: values.live === true
@@ -1268,6 +1296,7 @@ OPTIONS
   --ema | --live          which weights (EMA by default when the file has them)
   --json FILE             also write the result as JSON
   --backend NAME          auto (default), webgpu, wasm or cpu
+  --threads N|auto        wasm threads (default auto: one per core, up to 8)
   -h, --help              show this help
 `;
 

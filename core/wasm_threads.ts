@@ -90,10 +90,10 @@ const NodeWorkerClass = workerThreads.Worker;
 
 /**
  * Threads asked for: DDPM_WASM_THREADS, else 1. Not the core count by
- * default: XNNPACK's pool synchronises after every op, and on a busy
- * machine (other processes on the cores) two threads measured 1.4-1.6x
- * slower than one; data parallelism over workers (the trainer's `workers`)
- * synchronises once a step and never lost more than a few percent.
+ * default in the library: the trainer's gradient workers (its `workers`,
+ * one per core by default) already use the other cores, and a threaded
+ * main thread beside them would oversubscribe. `ddpm sample` and `ddpm
+ * eval` ask for one thread per core (`--threads`).
  */
 function wantedThreads(): number {
   let fromEnv: string | undefined;
@@ -159,9 +159,14 @@ async function startThreaded<T>(n: number, start: () => Promise<T>) {
   const savedGlobal = globalThis.Worker;
   wt.Worker = PthreadWorker;
   host.cpus = () => Array.from({ length: 2 * n }, () => savedCpus()[0] ?? {});
+  // The pthread workers are unref'd from the start; while the backend waits
+  // for them to load, a timer keeps the event loop from counting as idle
+  // (Deno's test runner otherwise ends a test awaiting the start).
+  const keepAlive = setInterval(() => {}, 1000);
   try {
     return await start();
   } finally {
+    clearInterval(keepAlive);
     wt.Worker = savedWorker;
     host.cpus = savedCpus;
     globalThis.Worker = savedGlobal;

@@ -387,6 +387,16 @@ Deno.test("each user mistake gets one line and exit code 2 (usage) or 1 (failure
     [["sample"], 2, /--checkpoint FILE is required/],
     [["eval"], 2, /--checkpoint FILE is required/],
     [
+      ["sample", "--checkpoint", ckpt, "--threads", "9"],
+      2,
+      /--threads out of range \(got "9", expected auto or an integer in \[1, 8\]\)/,
+    ],
+    [
+      ["eval", "--checkpoint", ckpt, "--threads", "two"],
+      2,
+      /--threads out of range \(got "two"/,
+    ],
+    [
       ["eval", "--checkpoint", ckpt, "--dataset", "fashion-mnist"],
       2,
       /unknown --dataset \(got "fashion-mnist", expected mnist-lite or mnist/,
@@ -467,6 +477,48 @@ Deno.test("a checkpoint that is not a training run's cannot be resumed: one line
     await cli("train", "--resume", "--out", dir, "--backend", "cpu"),
     1,
     /Cannot resume training from .*no training state/,
+  );
+});
+
+Deno.test("sample runs wasm on one thread per core by default, --threads and DDPM_WASM_THREADS choose", async () => {
+  assert.equal((await tinyRun()).code, 0);
+  // A fresh process each: tfjs picks its wasm build once per process.
+  const run = async (extra: string[], env: Record<string, string>) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        CLI,
+        "sample",
+        "--checkpoint",
+        `${trained}/checkpoint.safetensors`,
+        "--backend",
+        "wasm",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        `${root}/threads.png`,
+        ...extra,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1", ...env },
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, stderr);
+    return /^backend wasm, (\d+) threads? /m.exec(stderr)?.[1];
+  };
+  const cores = Math.min(8, navigator.hardwareConcurrency);
+  assert.equal(await run([], { DDPM_WASM_THREADS: "" }), String(cores));
+  assert.equal(await run(["--threads", "1"], {}), "1");
+  assert.equal(await run([], { DDPM_WASM_THREADS: "1" }), "1");
+  assert.equal(
+    await run(["--threads", "2"], { DDPM_WASM_THREADS: "1" }),
+    "2",
   );
 });
 
