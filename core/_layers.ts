@@ -6,7 +6,12 @@
 import { tf } from "./backend.ts";
 import { spatialSum } from "./_reduce.ts";
 import { gpuNormAct, gpuNormGrad, gpuNormStats } from "./_webgpu_norm.ts";
-import { wasmNormAct, wasmNormStats } from "./_wasm_kernels.ts";
+import {
+  wasmNormAct,
+  wasmNormGradDx,
+  wasmNormGradSums,
+  wasmNormStats,
+} from "./_wasm_kernels.ts";
 
 /**
  * The reference's sinusoidal timestep embedding: with half = dim / 2 and
@@ -219,27 +224,47 @@ export function normActGrad(
     const [, h, w, c] = x.shape;
     const count = h * w * (c / groups);
     const { mean, r } = stats;
-    const xhat = tf.mul(tf.sub(x, mean), r) as tf.Tensor4D;
-    let dy = dz;
-    if (act) {
-      const y = tf.add(tf.mul(xhat, gamma), beta);
-      const s = tf.sigmoid(y);
-      dy = tf.mul(dz, tf.mul(s, tf.add(1, tf.mul(y, tf.sub(1, s)))));
+    const inputs = { x, mean, r, gamma, beta, dz };
+    // On wasm, two passes of ours (the sums, then dx) recompute xhat and dy
+    // instead of keeping the dozen full-size tensors the ops below make.
+    const ours = wasmNormGradSums(inputs, act);
+    let composite: { xhat: tf.Tensor; dy: tf.Tensor } | null = null;
+    let sums: [tf.Tensor4D, tf.Tensor4D];
+    if (ours !== null) {
+      sums = ours;
+    } else {
+      const xhat = tf.mul(tf.sub(x, mean), r);
+      let dy: tf.Tensor = dz;
+      if (act) {
+        const y = tf.add(tf.mul(xhat, gamma), beta);
+        const s = tf.sigmoid(y);
+        dy = tf.mul(dz, tf.mul(s, tf.add(1, tf.mul(y, tf.sub(1, s)))));
+      }
+      composite = { xhat, dy };
+      sums = [
+        spatialSum(dy as tf.Tensor4D),
+        spatialSum(tf.mul(dy, xhat) as tf.Tensor4D),
+      ];
     }
-    const dyx = tf.mul(dy, xhat) as tf.Tensor4D;
     // Per (image, channel) sums; gamma is constant over the image, so the
     // sums of gamma dy and gamma dy xhat are gamma times these.
-    const sumDy = spatialSum(dy);
-    const sumDyx = spatialSum(dyx);
+    const [sumDy, sumDyx] = sums;
     const dbeta = tf.reshape(tf.sum(sumDy, [0, 1, 2]), [c]) as tf.Tensor1D;
     const dgamma = tf.reshape(tf.sum(sumDyx, [0, 1, 2]), [c]) as tf.Tensor1D;
     const a = groupMean(tf.mul(sumDy, gamma), groups, count);
     const b = groupMean(tf.mul(sumDyx, gamma), groups, count);
     // dx = dy (r gamma) - xhat (r b) - r a
-    const dx = tf.sub(
-      tf.sub(tf.mul(dy, tf.mul(r, gamma)), tf.mul(xhat, tf.mul(r, b))),
-      tf.mul(r, a),
-    ) as tf.Tensor4D;
+    const ra = tf.mul(r, a);
+    const rb = tf.mul(r, b);
+    const dx = composite === null
+      ? wasmNormGradDx(inputs, ra, rb, act)
+      : tf.sub(
+        tf.sub(
+          tf.mul(composite.dy, tf.mul(r, gamma)),
+          tf.mul(composite.xhat, rb),
+        ),
+        ra,
+      ) as tf.Tensor4D;
     return [dx, dgamma, dbeta];
   });
 }

@@ -61,6 +61,35 @@ interface Kernels {
     c: number,
     act: number,
   ): void;
+  norm_grad_sums(
+    x: number,
+    mean: number,
+    r: number,
+    gamma: number,
+    beta: number,
+    dz: number,
+    sdy: number,
+    sdyx: number,
+    n: number,
+    hw: number,
+    c: number,
+    act: number,
+  ): void;
+  norm_grad_dx(
+    x: number,
+    mean: number,
+    r: number,
+    gamma: number,
+    beta: number,
+    dz: number,
+    ra: number,
+    rb: number,
+    out: number,
+    n: number,
+    hw: number,
+    c: number,
+    act: number,
+  ): void;
 }
 
 /** What this module uses of tfjs's wasm backend. */
@@ -187,6 +216,54 @@ register("DdpmNormAct", (b, k, { x, mean, r, gamma, beta }, { act }, at) => {
   return out;
 });
 
+register(
+  "DdpmNormGradSums",
+  (b, k, { x, mean, r, gamma, beta, dz }, { act }, at) => {
+    const [n, h, w, c] = x.shape;
+    const sdy = b.makeOutput([n, 1, 1, c], "float32");
+    const sdyx = b.makeOutput([n, 1, 1, c], "float32");
+    k.norm_grad_sums(
+      at(x),
+      at(mean),
+      at(r),
+      at(gamma),
+      at(beta),
+      at(dz),
+      at(sdy),
+      at(sdyx),
+      n,
+      h * w,
+      c,
+      act,
+    );
+    return [sdy, sdyx];
+  },
+);
+
+register(
+  "DdpmNormGradDx",
+  (b, k, { x, mean, r, gamma, beta, dz, ra, rb }, { act }, at) => {
+    const [n, h, w, c] = x.shape;
+    const out = b.makeOutput(x.shape, "float32");
+    k.norm_grad_dx(
+      at(x),
+      at(mean),
+      at(r),
+      at(gamma),
+      at(beta),
+      at(dz),
+      at(ra),
+      at(rb),
+      at(out),
+      n,
+      h * w,
+      c,
+      act,
+    );
+    return out;
+  },
+);
+
 /** Whether our kernels run on the active backend (wasm, with relaxed SIMD). */
 function available(): boolean {
   return tf.getBackend() === "wasm" &&
@@ -276,6 +353,66 @@ export function wasmNormAct(
   return tf.engine().runKernel(
     "DdpmNormAct",
     { x, mean, r, gamma, beta },
+    { act: act ? 1 : 0 },
+  ) as tf.Tensor4D;
+}
+
+/** The tensors GroupNorm(+ SiLU)'s gradient kernels read. */
+export interface NormGradInputs {
+  /** The norm's input `[N, H, W, C]`. */
+  x: tf.Tensor4D;
+  /** Its statistics, `[N, 1, 1, C]` each. */
+  mean: tf.Tensor;
+  r: tf.Tensor;
+  /** Per-channel scale and shift `[C]`. */
+  gamma: tf.Tensor;
+  beta: tf.Tensor;
+  /** The gradient of the norm's output. */
+  dz: tf.Tensor4D;
+}
+
+/**
+ * The first pass of GroupNorm(+ SiLU)'s gradient on the wasm backend: per
+ * image and channel, the sums over pixels of dy and dy xhat (dy the
+ * gradient reaching the norm's output, through SiLU when `act`; xhat the
+ * normalised input); null where our kernels do not apply.
+ *
+ * @param t The norm's input, statistics, weights and output gradient.
+ * @param act Whether SiLU follows the norm.
+ * @returns `[sum dy, sum dy xhat]`, `[N, 1, 1, C]` each, or null.
+ */
+export function wasmNormGradSums(
+  t: NormGradInputs,
+  act: boolean,
+): [tf.Tensor4D, tf.Tensor4D] | null {
+  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !available()) return null;
+  const [sdy, sdyx] = tf.engine().runKernel(
+    "DdpmNormGradSums",
+    { ...t },
+    { act: act ? 1 : 0 },
+  ) as tf.Tensor4D[];
+  return [sdy, sdyx];
+}
+
+/**
+ * The second pass: dx = dy (r gamma) - xhat rb - ra, on the wasm backend
+ * (call after {@linkcode wasmNormGradSums} said it applies).
+ *
+ * @param t The norm's input, statistics, weights and output gradient.
+ * @param ra Per image and channel `[N, 1, 1, C]`.
+ * @param rb Per image and channel `[N, 1, 1, C]`.
+ * @param act Whether SiLU follows the norm.
+ * @returns dx `[N, H, W, C]`.
+ */
+export function wasmNormGradDx(
+  t: NormGradInputs,
+  ra: tf.Tensor,
+  rb: tf.Tensor,
+  act: boolean,
+): tf.Tensor4D {
+  return tf.engine().runKernel(
+    "DdpmNormGradDx",
+    { ...t, ra, rb },
     { act: act ? 1 : 0 },
   ) as tf.Tensor4D;
 }

@@ -168,3 +168,80 @@ Deno.test("on wasm, ddpm's GroupNorm + SiLU kernel keeps NaN, saturates SiLU at 
   tf.dispose([x, gamma, beta, big, t, x6, info.result as tf.Tensor]);
   await initBackend("cpu");
 });
+
+Deno.test("on wasm, GroupNorm (+ SiLU)'s gradient runs ddpm's two kernels and matches float64 central differences", async () => {
+  await initBackend("wasm");
+  const shape = [2, 3, 4, 8];
+  const groups = 2;
+  const size = shape.reduce((a, b) => a * b);
+  const xs = randoms(size, 50).map((v, i) => 2 * v + (i % 8) / 4);
+  const gs = randoms(8, 51).map((v) => 1 + v);
+  const bs = randoms(8, 52);
+  const ws = randoms(size, 53);
+  for (const act of [true, false]) {
+    // L = sum(out * w), in float64 by the definition.
+    const loss = (
+      x: ArrayLike<number>,
+      g: ArrayLike<number>,
+      b: ArrayLike<number>,
+    ) =>
+      groupNormF64(x, shape, g, b, groups).reduce((s, y, j) => {
+        const out = act ? y / (1 + Math.exp(-y)) : y;
+        return s + out * ws[j];
+      }, 0);
+    const info = await tf.profile(() => {
+      const f = (x: tf.Tensor, g: tf.Tensor, b: tf.Tensor) =>
+        tf.sum(tf.mul(
+          (act ? groupNormSilu : groupNorm)(x as tf.Tensor4D, g, b, groups),
+          tf.tensor4d(ws, shape as [number, number, number, number]),
+        ));
+      return tf.grads(f)([
+        tf.tensor4d(xs, shape as [number, number, number, number]),
+        tf.tensor1d(gs),
+        tf.tensor1d(bs),
+      ]);
+    });
+    assert.ok(info.kernelNames.includes("DdpmNormGradSums"), `act ${act}`);
+    assert.ok(info.kernelNames.includes("DdpmNormGradDx"), `act ${act}`);
+    const [dx, dg, db] = await Promise.all(
+      (info.result as tf.Tensor[]).map((t) => t.data()),
+    );
+    tf.dispose(info.result as tf.Tensor[]);
+    const h = 1e-4;
+    const central = (
+      which: 0 | 1 | 2,
+      j: number,
+    ) => {
+      const args = [
+        Float64Array.from(xs),
+        Float64Array.from(gs),
+        Float64Array.from(bs),
+      ];
+      args[which][j] += h;
+      const up = loss(args[0], args[1], args[2]);
+      args[which][j] -= 2 * h;
+      const down = loss(args[0], args[1], args[2]);
+      return (up - down) / (2 * h);
+    };
+    for (const j of [0, 5, 37, 101, size - 1]) {
+      const want = central(0, j);
+      assert.ok(
+        Math.abs(dx[j] - want) < 1e-4 * (1 + Math.abs(want)),
+        `act ${act} dx[${j}]: ${dx[j]} vs ${want}`,
+      );
+    }
+    for (const j of [0, 3, 7]) {
+      const wg = central(1, j);
+      const wb = central(2, j);
+      assert.ok(
+        Math.abs(dg[j] - wg) < 1e-3 * (1 + Math.abs(wg)),
+        `act ${act} dgamma[${j}]: ${dg[j]} vs ${wg}`,
+      );
+      assert.ok(
+        Math.abs(db[j] - wb) < 1e-3 * (1 + Math.abs(wb)),
+        `act ${act} dbeta[${j}]: ${db[j]} vs ${wb}`,
+      );
+    }
+  }
+  await initBackend("cpu");
+});

@@ -307,6 +307,99 @@ ${SIG.body}
     (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
 `;
 
+/** Load the four-lane vector of `ptr` at the channel offset `$o`. */
+const at = (ptr: string) =>
+  `(v128.load (i32.add (local.get $${ptr}) (local.get $o)))`;
+
+/**
+ * Instructions that recompute, at the pixel `$x` and channel offset `$o`,
+ * xhat = (x - mean) r into `$xh` and the gradient reaching the norm's output
+ * into `$dy`: dz, or through SiLU dz s (1 + y (1 - s)) with y = gamma xhat +
+ * beta and s = sigmoid(y).
+ */
+const RECOMPUTE = `
+        (local.set $xh (f32x4.mul (f32x4.sub ${at("x")} ${at("mean")}) ${
+  at("r")
+}))
+        (local.set $dy ${at("dz")})
+        (if (local.get $act) (then
+          (local.set $y (f32x4.add (f32x4.mul (local.get $xh) ${at("gamma")}) ${
+  at("beta")
+}))
+${SIG.body}
+          (local.set $dy (f32x4.mul (local.get $dy) (f32x4.mul (local.get $s)
+            (f32x4.add ${splat(1)} (f32x4.mul (local.get $y) (f32x4.sub ${
+  splat(1)
+} (local.get $s)))))))))`;
+
+/**
+ * The two passes of GroupNorm(+ SiLU)'s gradient (see core/_layers.ts's
+ * normActGrad), recomputing xhat and SiLU's factor in each:
+ *
+ * - `norm_grad_sums(x, mean, r, gamma, beta, dz, sdy, sdyx, n, hw, c, act)`:
+ *   per image and channel, the sums over pixels of dy and dy xhat, `[n, c]`;
+ * - `norm_grad_dx(x, mean, r, gamma, beta, dz, ra, rb, out, n, hw, c, act)`:
+ *   dx = dy (r gamma) - xhat rb - ra, with ra and rb per image and channel.
+ */
+const NORM_GRAD = `
+(func (export "norm_grad_sums") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $dz i32) (param $sdy i32) (param $sdyx i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
+  (local $c4 i32) (local $p i32) (local $o i32) (local $xh v128) (local $dy v128) (local $y v128)
+  (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
+  ${SIG.init}
+  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
+  (loop $images
+    (memory.fill (local.get $sdy) (i32.const 0) (local.get $c4))
+    (memory.fill (local.get $sdyx) (i32.const 0) (local.get $c4))
+    (local.set $p (local.get $hw))
+    (loop $pixels
+      (local.set $o (i32.const 0))
+      (loop $chans
+${RECOMPUTE}
+        (v128.store (i32.add (local.get $sdy) (local.get $o)) (f32x4.add ${
+  at("sdy")
+} (local.get $dy)))
+        (v128.store (i32.add (local.get $sdyx) (local.get $o)) (f32x4.add ${
+  at("sdyx")
+} (f32x4.mul (local.get $dy) (local.get $xh))))
+        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
+      (local.set $x (i32.add (local.get $x) (local.get $c4)))
+      (local.set $dz (i32.add (local.get $dz) (local.get $c4)))
+      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
+    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
+    (local.set $r (i32.add (local.get $r) (local.get $c4)))
+    (local.set $sdy (i32.add (local.get $sdy) (local.get $c4)))
+    (local.set $sdyx (i32.add (local.get $sdyx) (local.get $c4)))
+    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
+
+(func (export "norm_grad_dx") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $dz i32) (param $ra i32) (param $rb i32) (param $out i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
+  (local $c4 i32) (local $p i32) (local $o i32) (local $xh v128) (local $dy v128) (local $y v128)
+  (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
+  ${SIG.init}
+  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
+  (loop $images
+    (local.set $p (local.get $hw))
+    (loop $pixels
+      (local.set $o (i32.const 0))
+      (loop $chans
+${RECOMPUTE}
+        (v128.store (i32.add (local.get $out) (local.get $o))
+          (f32x4.sub
+            (f32x4.sub (f32x4.mul (local.get $dy) (f32x4.mul ${at("r")} ${
+  at("gamma")
+})) (f32x4.mul (local.get $xh) ${at("rb")}))
+            ${at("ra")}))
+        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
+      (local.set $x (i32.add (local.get $x) (local.get $c4)))
+      (local.set $dz (i32.add (local.get $dz) (local.get $c4)))
+      (local.set $out (i32.add (local.get $out) (local.get $c4)))
+      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
+    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
+    (local.set $r (i32.add (local.get $r) (local.get $c4)))
+    (local.set $ra (i32.add (local.get $ra) (local.get $c4)))
+    (local.set $rb (i32.add (local.get $rb) (local.get $c4)))
+    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
+`;
+
 /**
  * The kernels' WebAssembly text.
  *
@@ -316,7 +409,7 @@ ${SIG.body}
 export function kernelsWat(shared: boolean): string {
   const memory = shared ? "(memory 1 65536 shared)" : "(memory 1)";
   const kernels = [1, 2, 3, 4, 5, 6].map(microKernel).join("\n");
-  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM})`;
+  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM}\n${NORM_GRAD})`;
 }
 
 /**
