@@ -22,7 +22,7 @@ import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
 import { webgpuFilterGrad } from "./_webgpu_conv.ts";
-import { wasmFilterGrad } from "./_wasm_kernels.ts";
+import { wasmFilterGrad, wasmKernelsReady } from "./_wasm_kernels.ts";
 
 type Shape4 = [number, number, number, number];
 type ExplicitPadding = [
@@ -210,6 +210,60 @@ function adjoint(
 }
 
 /**
+ * {@linkcode filterGrad} at stride s > 1 on wasm, by ddpm's stride-1
+ * kernel: the kernel rows i = s a + u (and columns j = s b + v) of one
+ * phase (u, v) meet only the input pixels s Y + u (s X + v), so each
+ * phase's taps are the weight gradient of a valid stride-1 convolution of
+ * that subsampled input, and the phases together are the whole kernel.
+ * Null where the kernels do not apply.
+ */
+function phasedFilterGrad(
+  input: tf.Tensor4D,
+  dy: tf.Tensor4D,
+  kh: number,
+  kw: number,
+  s: number,
+  pad: number,
+): tf.Tensor4D | null {
+  const [n, h, w, c] = input.shape;
+  const [, oh, ow, co] = dy.shape;
+  if (tf.getBackend() !== "wasm" || co % 8 !== 0 || !wasmKernelsReady()) {
+    return null;
+  }
+  return tf.tidy(() => {
+    // The rows and columns the kernel reaches, rounded up to whole phases.
+    const hq = Math.ceil((kh + (oh - 1) * s) / s);
+    const wq = Math.ceil((kw + (ow - 1) * s) / s);
+    const xs = padOrCrop(input, pad, hq * s - h - pad, pad, wq * s - w - pad);
+    const phases = tf.reshape(xs, [n * hq, s, wq, s * c]);
+    const taps: tf.Tensor[] = new Array(kh * kw);
+    for (let u = 0; u < s; u++) {
+      for (let v = 0; v < s; v++) {
+        const ka = Math.ceil((kh - u) / s);
+        const kb = Math.ceil((kw - v) / s);
+        if (ka <= 0 || kb <= 0) continue;
+        const sub = tf.slice(
+          tf.reshape(
+            tf.slice(phases, [0, u, 0, v * c], [n * hq, 1, wq, c]),
+            [n, hq, wq, c],
+          ),
+          [0, 0, 0, 0],
+          [n, oh + ka - 1, ow + kb - 1, c],
+        ) as tf.Tensor4D;
+        const g = wasmFilterGrad(sub, dy, ka, kb, 0)!;
+        const parts = tf.unstack(tf.reshape(g, [ka * kb, c, co]));
+        for (let a = 0; a < ka; a++) {
+          for (let b = 0; b < kb; b++) {
+            taps[(u + s * a) * kw + v + s * b] = parts[a * kb + b];
+          }
+        }
+      }
+    }
+    return tf.reshape(tf.stack(taps), [kh, kw, c, co]) as tf.Tensor4D;
+  });
+}
+
+/**
  * The gradient of `conv2d(input, w, stride, pad)` with respect to `w`,
  * given the gradient `dy` of its output: shape `[kh, kw, Cin, Cout]`.
  *
@@ -232,7 +286,9 @@ function filterGrad(
   if (tf.getBackend() === "webgpu") {
     return webgpuFilterGrad(input, dy, { kh, kw, stride, pad });
   }
-  const ours = stride === 1 ? wasmFilterGrad(input, dy, kh, kw, pad) : null;
+  const ours = stride === 1
+    ? wasmFilterGrad(input, dy, kh, kw, pad)
+    : phasedFilterGrad(input, dy, kh, kw, stride, pad);
   if (ours !== null) return ours;
   return tf.tidy(() => {
     const [n, h, w, c] = input.shape;

@@ -264,8 +264,13 @@ register(
   },
 );
 
-/** Whether our kernels run on the active backend (wasm, with relaxed SIMD). */
-function available(): boolean {
+/**
+ * Whether ddpm's wasm kernels run on the active backend (wasm, with
+ * relaxed SIMD).
+ *
+ * @returns True when they do.
+ */
+export function wasmKernelsReady(): boolean {
   return tf.getBackend() === "wasm" &&
     kernelsOf(tf.backend() as unknown as WasmBackendLike) !== null;
 }
@@ -290,7 +295,7 @@ export function wasmFilterGrad(
   kw: number,
   pad: number,
 ): tf.Tensor4D | null {
-  if (dy.shape[3] % 8 !== 0 || !available()) return null;
+  if (dy.shape[3] % 8 !== 0 || !wasmKernelsReady()) return null;
   return tf.tidy(() => {
     const x = pad > 0
       ? tf.pad(input, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
@@ -320,7 +325,7 @@ export function wasmNormStats(
   groups: number,
   eps: number,
 ): [tf.Tensor4D, tf.Tensor4D] | null {
-  if (x.shape[3] % 4 !== 0 || x.size === 0 || !available()) return null;
+  if (x.shape[3] % 4 !== 0 || x.size === 0 || !wasmKernelsReady()) return null;
   const [mean, r] = tf.engine().runKernel(
     "DdpmNormStats",
     { x },
@@ -349,7 +354,7 @@ export function wasmNormAct(
   beta: tf.Tensor,
   act: boolean,
 ): tf.Tensor4D | null {
-  if (x.shape[3] % 4 !== 0 || x.size === 0 || !available()) return null;
+  if (x.shape[3] % 4 !== 0 || x.size === 0 || !wasmKernelsReady()) return null;
   return tf.engine().runKernel(
     "DdpmNormAct",
     { x, mean, r, gamma, beta },
@@ -385,7 +390,7 @@ export function wasmNormGradSums(
   t: NormGradInputs,
   act: boolean,
 ): [tf.Tensor4D, tf.Tensor4D] | null {
-  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !available()) return null;
+  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !wasmKernelsReady()) return null;
   const [sdy, sdyx] = tf.engine().runKernel(
     "DdpmNormGradSums",
     { ...t },

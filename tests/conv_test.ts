@@ -160,6 +160,13 @@ const CONV_CASES: ConvCase[] = [
   { x: [2, 7, 6, 4], k: 3, cout: 8, stride: 1, pad: 0 },
   { x: [1, 6, 5, 3], k: 4, cout: 8, stride: 1, pad: 2 },
   { x: [3, 20, 20, 6], k: 3, cout: 8, stride: 1, pad: 1 },
+  // Strided, Cout a multiple of 8: the same kernel phase by phase (a
+  // column of pixels left over, a padding wider than the phase, a crop).
+  { x: [2, 9, 9, 5], k: 3, cout: 8, stride: 2, pad: 1 },
+  { x: [2, 9, 6, 3], k: 4, cout: 8, stride: 2, pad: 1 },
+  { x: [1, 6, 6, 2], k: 3, cout: 16, stride: 2, pad: 2 },
+  { x: [2, 8, 7, 3], k: 3, cout: 8, stride: 3, pad: 1 },
+  { x: [1, 10, 10, 3], k: 3, cout: 8, stride: 3, pad: 0 },
 ];
 
 interface ConvTCase {
@@ -181,6 +188,12 @@ const CONVT_CASES: ConvTCase[] = [
   { x: [1, 4, 4, 2], k: 3, cout: 3, out: [6, 5], stride: 2, pad: 2 },
   { x: [2, 3, 3, 2], k: 5, cout: 2, out: [8, 9], stride: 3, pad: 2 },
   { x: [1, 3, 3, 2], k: 2, cout: 2, out: [9, 9], stride: 3, pad: 0 },
+  // Input channels a multiple of 8: the weight gradient (the convolution's,
+  // roles exchanged) is ddpm's wasm kernel's, phase by phase.
+  { x: [2, 4, 4, 8], k: 4, cout: 3, out: [8, 8], stride: 2, pad: 1 },
+  { x: [1, 4, 4, 8], k: 3, cout: 2, out: [8, 8], stride: 2, pad: 1 },
+  { x: [2, 3, 3, 8], k: 5, cout: 2, out: [8, 9], stride: 3, pad: 2 },
+  { x: [1, 3, 3, 16], k: 2, cout: 2, out: [9, 9], stride: 3, pad: 0 },
 ];
 
 function convData(c: ConvCase, seed: number) {
