@@ -17,8 +17,8 @@
  * gradient cancel what a shift carries over from the next row or image.
  *
  * The kernels need WebAssembly's relaxed SIMD (Chrome 114, Firefox 120,
- * Deno 1.35 and later) and tfjs's memory object; without either, the
- * caller is told to use tfjs's way.
+ * Deno 1.35 and later) and tfjs's memory object; without either, or with
+ * DDPM_WASM_KERNELS=0, the caller is told to use tfjs's way.
  *
  * @module
  */
@@ -111,13 +111,22 @@ function decode(b64: string): Uint8Array<ArrayBuffer> {
   return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
 }
 
+/** DDPM_WASM_KERNELS=0: use tfjs's ops instead (to compare, or where ours misbehave). */
+function switchedOff(): boolean {
+  try {
+    return globalThis.Deno?.env.get("DDPM_WASM_KERNELS") === "0";
+  } catch {
+    return false; // no --allow-env
+  }
+}
+
 /** Our kernels, instantiated on the memory of the backend's wasm module. */
 function kernelsOf(backend: WasmBackendLike): Kernels | null {
   const mod = backend.wasm;
   if (instances.has(mod)) return instances.get(mod)!;
   let kernels: Kernels | null = null;
   const memory = mod.wasmMemory ?? mod.asm?.memory;
-  if (memory instanceof WebAssembly.Memory) {
+  if (memory instanceof WebAssembly.Memory && !switchedOff()) {
     const shared = typeof SharedArrayBuffer !== "undefined" &&
       memory.buffer instanceof SharedArrayBuffer;
     const bytes = decode(shared ? KERNELS_SHARED : KERNELS_PLAIN);

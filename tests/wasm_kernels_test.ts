@@ -246,3 +246,70 @@ Deno.test("on wasm, GroupNorm (+ SiLU)'s gradient runs ddpm's two kernels and ma
   }
   await initBackend("cpu");
 });
+
+Deno.test("DDPM_WASM_KERNELS=0 switches ddpm's wasm kernels off: tfjs's ops give the same gradients", async () => {
+  const url = (p: string) => new URL(p, import.meta.url).href;
+  const code = `
+    import { initBackend, tf } from "${url("../core/backend.ts")}";
+    import { conv2d } from "${url("../core/_conv.ts")}";
+    import { groupNormSilu } from "${url("../core/_layers.ts")}";
+    await initBackend("wasm");
+    const x = tf.tensor4d(Array.from({ length: 2 * 8 * 8 * 8 }, (_, i) => Math.sin(i)), [2, 8, 8, 8]);
+    const w = tf.tensor4d(Array.from({ length: 9 * 8 * 16 }, (_, i) => Math.cos(i)), [3, 3, 8, 16]);
+    const g = tf.tensor1d([1, 2, 3, 4, 5, 6, 7, 8]);
+    const b = tf.tensor1d([0, 1, 0, 1, 0, 1, 0, 1]);
+    const info = await tf.profile(() => [
+      ...tf.grads((xi, wi) => tf.sum(tf.sin(conv2d(xi, wi, 1, 1))))([x, w]),
+      tf.grad((wi) => tf.sum(tf.sin(conv2d(x, wi, 2, 1))))(w),
+      ...tf.grads((xi, gi, bi) => tf.sum(tf.sin(groupNormSilu(xi, gi, bi, 2))))([x, g, b]),
+    ]);
+    const values = await Promise.all(info.result.map((t) => t.data()));
+    console.log(JSON.stringify({
+      ours: info.kernelNames.filter((k) => k.startsWith("Ddpm")),
+      values: values.map((v) => Array.from(v)),
+    }));
+  `;
+  const run = async (setting: string) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "eval",
+        "--config",
+        new URL("../deno.json", import.meta.url).pathname,
+        code,
+      ],
+      env: { DDPM_WASM_KERNELS: setting },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, stderr);
+    return JSON.parse(
+      new TextDecoder().decode(out.stdout).trim().split("\n").pop()!,
+    ) as {
+      ours: string[];
+      values: number[][];
+    };
+  };
+  const [on, off] = [await run(""), await run("0")];
+  assert.deepEqual(
+    [...new Set(on.ours)].sort(),
+    [
+      "DdpmFilterGrad",
+      "DdpmNormAct",
+      "DdpmNormGradDx",
+      "DdpmNormGradSums",
+      "DdpmNormStats",
+    ],
+  );
+  assert.deepEqual(off.ours, []);
+  assert.equal(on.values.length, off.values.length);
+  on.values.forEach((v, i) => {
+    let err = 0;
+    let scale = 0;
+    v.forEach((a, j) => {
+      err = Math.max(err, Math.abs(a - off.values[i][j]));
+      scale = Math.max(scale, Math.abs(off.values[i][j]));
+    });
+    assert.ok(err <= 1e-4 * scale, `gradient ${i}: ${err} of ${scale}`);
+  });
+});
