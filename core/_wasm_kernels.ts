@@ -399,7 +399,9 @@ export function wasmNormGradSums(
   t: NormGradInputs,
   act: boolean,
 ): [tf.Tensor4D, tf.Tensor4D] | null {
-  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !wasmKernelsReady()) return null;
+  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !wasmKernelsReady()) {
+    return null;
+  }
   const [sdy, sdyx] = tf.engine().runKernel(
     "DdpmNormGradSums",
     { ...t },
