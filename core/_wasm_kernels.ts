@@ -3,18 +3,22 @@
  * tests/tools/wasm_kernels.ts), working in tfjs's own wasm memory and
  * registered as tfjs kernels:
  *
- * - the weight gradient of a stride-1 convolution, 2-3x faster than tfjs's
- *   way of computing it, a convolution over the batch axis (XNNPACK, 11-23
- *   GFLOP/s against 28-39 on the 2-core development machine);
+ * - the weight gradient of a convolution, 2-3x faster than tfjs's way of
+ *   computing it, a convolution over the batch axis (XNNPACK, 11-23 GFLOP/s
+ *   against 28-39 on the 2-core development machine); strided ones are cut
+ *   into stride-1 phases by core/_conv.ts;
  * - GroupNorm's statistics, and its application with SiLU, one pass each
- *   where tfjs's composite makes about a dozen.
+ *   where tfjs's composite makes about a dozen ops;
+ * - GroupNorm(+ SiLU)'s gradient, two passes that recompute the normalised
+ *   input and SiLU's factor instead of keeping a dozen full-size tensors.
  *
- * For the weight gradient, both the input and the output gradient are laid on the input's padded
- * grid `[N, H + 2 pad, W + 2 pad, C]` (the gradient at the top left of each
- * image, zeros below and to the right), where the kernel tap (i, j) is the
- * constant shift `i (W + 2 pad) + j` of the flattened pixel index: pixels
- * a tap would take from outside the image meet zeros, and the zeros of the
- * gradient cancel what a shift carries over from the next row or image.
+ * For the weight gradient, the input and the output gradient are laid on
+ * the input's padded grid `[N, H + 2 pad, W + 2 pad, C]` (the gradient at
+ * the top left of each image, zeros below and to the right), where the
+ * kernel tap (i, j) is the constant shift `i (W + 2 pad) + j` of the
+ * flattened pixel index: pixels a tap would take from outside the image
+ * meet zeros, and the zeros of the gradient cancel what a shift carries
+ * over from the next row or image.
  *
  * The kernels need WebAssembly's relaxed SIMD (Chrome 114, Firefox 120,
  * Deno 1.35 and later) and tfjs's memory object; without either, or with

@@ -8,18 +8,25 @@
  * deno run -A tests/tools/wasm_kernels.ts --check   # exit 1 if it is stale
  * ```
  *
- * One kernel today: the weight gradient of a stride-1 convolution,
- * `dW[i, j, c, o] = sum over pixels p of x[p + (i, j)][c] dy[p][o]`,
- * computed from a zero-padded input and a gradient laid on the same padded
- * grid (see cor./_wasm_kernels.ts). On that grid the tap (i, j) is a
- * constant shift `i Wp + j` of the flattened pixel index, so each tap is a
- * plain GEMM over pixels: `dW[tap] = X[shift..]^T DY`, rows of X and DY
- * contiguous. The micro-kernel holds a 6 x 8 block of dW (6 input channels
- * by 8 output channels, 12 f32x4 accumulators) and streams pixels through
- * it with `f32x4.relaxed_madd` (a fused multiply-add where the CPU has one;
- * plain SIMD multiply and add reach about 60% of its speed). Pixels go in
- * chunks of `pc` so that a chunk of X and DY stays in cache while every
- * tap and channel block passes over it.
+ * The kernels (registered and called by core/_wasm_kernels.ts):
+ *
+ * - `filter_grad`: the weight gradient of a stride-1 convolution,
+ *   `dW[i, j, c, o] = sum over pixels p of x[p + (i, j)][c] dy[p][o]`,
+ *   computed from a zero-padded input and a gradient laid on the same
+ *   padded grid. On that grid the tap (i, j) is a constant shift `i Wp + j`
+ *   of the flattened pixel index, so each tap is a plain GEMM over pixels,
+ *   `dW[tap] = X[shift..]^T DY`, rows of X and DY contiguous. The
+ *   micro-kernel holds a 6 x 8 block of dW (6 input channels by 8 output
+ *   channels, 12 f32x4 accumulators) and streams pixels through it with
+ *   `f32x4.relaxed_madd` (a fused multiply-add where the CPU has one;
+ *   plain SIMD multiply and add reach about 60% of its speed). Pixels go in
+ *   chunks of `pc` so that a chunk of X and DY stays in cache while every
+ *   tap and channel block passes over it. (Strided convolutions are cut
+ *   into stride-1 phases by the caller.)
+ * - `norm_stats`, `norm_act`: GroupNorm's statistics, and its application
+ *   with SiLU, one pass each over NHWC activations;
+ * - `norm_grad_sums`, `norm_grad_dx`: GroupNorm(+ SiLU)'s gradient in two
+ *   passes, recomputing the normalised input and SiLU's factor.
  *
  * Two builds differ only in how they import tfjs's memory: plain (tfjs's
  * single-threaded wasm) and shared (its threaded build).
