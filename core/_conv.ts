@@ -272,8 +272,9 @@ function phasedFilterGrad(
  * image and `dy` as an `[OH, OW, N, Cout]` filter dilated by the stride.
  * On WebGPU, where tfjs runs that convolution with few workgroups each
  * looping over all of N OH OW, a split-K GEMM program of ours instead
- * (core/_webgpu_conv.ts); on wasm at stride 1, a kernel of ours, 2-3x
- * faster than XNNPACK's convolution (cor./_wasm_kernels.ts).
+ * (core/_webgpu_conv.ts); on wasm, a kernel of ours, 2-3x faster than
+ * XNNPACK's convolution (core/_wasm_kernels.ts), strided convolutions
+ * phase by phase ({@linkcode phasedFilterGrad}).
  */
 function filterGrad(
   input: tf.Tensor4D,
