@@ -28,6 +28,8 @@
  */
 import { tf } from "./backend.ts";
 import { KERNELS_PLAIN, KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
+// Also replaces tfjs's wasm Slice, SplitV and Unpack (see that module).
+import { wasmKernelsSwitchedOff } from "./_wasm_slice.ts";
 
 /** The exports of ddpm's wasm kernels. */
 interface Kernels {
@@ -115,22 +117,13 @@ function decode(b64: string): Uint8Array<ArrayBuffer> {
   return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
 }
 
-/** DDPM_WASM_KERNELS=0: use tfjs's ops instead (to compare, or where ours misbehave). */
-function switchedOff(): boolean {
-  try {
-    return globalThis.Deno?.env.get("DDPM_WASM_KERNELS") === "0";
-  } catch {
-    return false; // no --allow-env
-  }
-}
-
 /** Our kernels, instantiated on the memory of the backend's wasm module. */
 function kernelsOf(backend: WasmBackendLike): Kernels | null {
   const mod = backend.wasm;
   if (instances.has(mod)) return instances.get(mod)!;
   let kernels: Kernels | null = null;
   const memory = mod.wasmMemory ?? mod.asm?.memory;
-  if (memory instanceof WebAssembly.Memory && !switchedOff()) {
+  if (memory instanceof WebAssembly.Memory && !wasmKernelsSwitchedOff()) {
     const shared = typeof SharedArrayBuffer !== "undefined" &&
       memory.buffer instanceof SharedArrayBuffer;
     const bytes = decode(shared ? KERNELS_SHARED : KERNELS_PLAIN);
