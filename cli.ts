@@ -52,6 +52,7 @@ import {
   tf,
   TrainingRun,
   validateSamplerOptions,
+  wasmKernelsReady,
   wasmThreads,
   writeFileAtomic,
   writeNpy,
@@ -1494,7 +1495,11 @@ async function info(args: string[]): Promise<number> {
     const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT");
     const threads = await tf.env().getAsync("WASM_HAS_MULTITHREAD_SUPPORT");
     console.log(
-      `wasm simd ${simd ? "yes" : "no"}, threads ${threads ? "yes" : "no"}`,
+      `wasm simd ${simd ? "yes" : "no"}, threads ${
+        threads ? "yes" : "no"
+      } (${wasmThreads()} in use), ddpm's wasm kernels ${
+        wasmKernelsReady() ? "yes" : "no"
+      }`,
     );
   }
   console.log(

@@ -33,6 +33,7 @@ export {
   tf,
 } from "./core/backend.ts";
 export { setWasmThreads, wasmThreads } from "./core/wasm_threads.ts";
+export { wasmKernelsReady } from "./core/_wasm_kernels.ts";
 export { writeFileAtomic } from "./core/atomic.ts";
 export {
   extract,

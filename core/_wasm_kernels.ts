@@ -271,10 +271,18 @@ register(
 );
 
 /**
- * Whether ddpm's wasm kernels run on the active backend (wasm, with
- * relaxed SIMD).
+ * Whether ddpm's own WebAssembly kernels run on the active backend: it is
+ * wasm, the runtime has relaxed SIMD, and DDPM_WASM_KERNELS is not 0.
+ * Elsewhere tfjs's ops compute the same values, more slowly.
  *
  * @returns True when they do.
+ * @example
+ * ```ts
+ * import { initBackend } from "../mod.ts";
+ * import { wasmKernelsReady } from "./_wasm_kernels.ts";
+ * await initBackend("wasm");
+ * console.log(wasmKernelsReady()); // true in Deno, Chrome 114+, Firefox 120+
+ * ```
  */
 export function wasmKernelsReady(): boolean {
   return tf.getBackend() === "wasm" &&

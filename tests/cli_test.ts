@@ -345,6 +345,16 @@ Deno.test("--help prints USAGE, COMMANDS and OPTIONS on stdout, for the tool and
   assert.equal(none.code, 2);
 });
 
+Deno.test("info reports the wasm backend's threads and whether ddpm's wasm kernels run", async () => {
+  const got = await cli("info", "--backend", "wasm");
+  assert.equal(got.code, 0, got.stderr.join("\n"));
+  const line = got.stdout.find((l) => l.startsWith("wasm simd")) ?? "";
+  assert.match(
+    line,
+    /^wasm simd yes, threads (yes|no) \(\d+ in use\), ddpm's wasm kernels yes$/,
+  );
+});
+
 Deno.test("samplers lists every plugin with its options", async () => {
   const got = await cli("samplers");
   assert.equal(got.code, 0);
