@@ -142,7 +142,7 @@ async function activate(name: "webgpu" | "wasm" | "cpu"): Promise<boolean> {
  * Choose and activate the tfjs backend.
  *
  * "auto" takes WebGPU on a hardware adapter and wasm otherwise: on a
- * software adapter (llvmpipe) wasm runs the UNet 3-4x faster. Asking for
+ * software adapter (llvmpipe) wasm runs the UNet more than 10x faster. Asking for
  * "webgpu" where no adapter exists falls back to wasm and says so.
  *
  * @param name The backend to use; "auto" by default.
@@ -207,7 +207,7 @@ export async function initBackend(
   const why = probe === null
     ? "no WebGPU adapter found"
     : probe.software
-    ? `the WebGPU adapter is a software fallback (${probe.description}), where wasm is 3-4x faster`
+    ? `the WebGPU adapter is a software fallback (${probe.description}), where wasm is more than 10x faster`
     : `the WebGPU backend failed to start on ${probe.description}`;
   if (await activate("wasm")) {
     return {
