@@ -234,6 +234,78 @@ function sigmoidText(): string {
  *   y = (x - mean) (r gamma) + beta, and y sigmoid(y) when act.
  */
 const SIG = sigmoidInline();
+
+/** Load the four-lane vector of `ptr` at the channel offset `$o`. */
+const at = (ptr: string) =>
+  `(v128.load (i32.add (local.get $${ptr}) (local.get $o)))`;
+
+/** What {@linkcode channelLoop} builds a kernel from. */
+interface ChannelLoop {
+  /** Export name. */
+  name: string;
+  /** Its i32 parameters, in order; n, hw, c and act among them. */
+  params: string[];
+  /** Instructions run for each image before its pixels. */
+  before?: string;
+  /** Instructions run on each four-channel vector at byte offset `$o`. */
+  body: string;
+  /** Pointers that advance by a pixel (C floats) after each pixel. */
+  perPixel: string[];
+  /** Pointers that advance by C floats after each image. */
+  perImage: string[];
+}
+
+/** `(local.set $p (i32.add (local.get $p) (local.get $c4)))`: a pointer on by C floats. */
+const advance = (ptrs: string[]) =>
+  ptrs.map((p) =>
+    `(local.set $${p} (i32.add (local.get $${p}) (local.get $c4)))`
+  ).join(" ");
+
+/**
+ * An elementwise kernel over NHWC activations with C a multiple of 4,
+ * images one after another: for each image, `before`, then `body` on every
+ * four-channel vector of every pixel, with the SiLU locals and constants of
+ * {@linkcode sigmoidInline} and the vector locals $y $xh $dy at hand.
+ */
+function channelLoop(k: ChannelLoop): string {
+  return `
+(func (export "${k.name}") ${k.params.map((p) => `(param $${p} i32)`).join(" ")}
+  (local $c4 i32) (local $p i32) (local $o i32) (local $y v128) (local $xh v128) (local $dy v128)
+  (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
+  ${SIG.init}
+  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
+  (loop $images
+    ${k.before ?? ""}
+    (local.set $p (local.get $hw))
+    (loop $pixels
+      (local.set $o (i32.const 0))
+      (loop $chans
+${k.body}
+        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
+      ${advance(k.perPixel)}
+      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
+    ${advance(k.perImage)}
+    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
+`;
+}
+
+const NORM_ACT = channelLoop({
+  name: "norm_act",
+  params: ["x", "mean", "r", "gamma", "beta", "out", "n", "hw", "c", "act"],
+  body: `
+        (local.set $y (f32x4.add
+          (f32x4.mul (f32x4.sub ${at("x")} ${at("mean")}) (f32x4.mul ${
+    at("r")
+  } ${at("gamma")}))
+          ${at("beta")}))
+        (if (local.get $act) (then
+${SIG.body}
+          (local.set $y (f32x4.mul (local.get $y) (local.get $s)))))
+        (v128.store (i32.add (local.get $out) (local.get $o)) (local.get $y))`,
+  perPixel: ["x", "out"],
+  perImage: ["mean", "r"],
+});
+
 const NORM = `
 (func $channel_sums (param $x i32) (param $acc i32) (param $hw i32) (param $c4 i32) (param $mean i32) (param $square i32)
   (local $p i32) (local $o i32) (local $v v128)
@@ -287,36 +359,7 @@ const NORM = `
     (local.set $r (i32.add (local.get $r) (local.get $c4)))
     (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
 
-(func (export "norm_act") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $out i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
-  (local $c4 i32) (local $p i32) (local $o i32) (local $y v128) (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
-  ${SIG.init}
-  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
-  (loop $images
-    (local.set $p (local.get $hw))
-    (loop $pixels
-      (local.set $o (i32.const 0))
-      (loop $chans
-        (local.set $y (f32x4.add
-          (f32x4.mul
-            (f32x4.sub (v128.load (i32.add (local.get $x) (local.get $o))) (v128.load (i32.add (local.get $mean) (local.get $o))))
-            (f32x4.mul (v128.load (i32.add (local.get $r) (local.get $o))) (v128.load (i32.add (local.get $gamma) (local.get $o)))))
-          (v128.load (i32.add (local.get $beta) (local.get $o)))))
-        (if (local.get $act) (then
-${SIG.body}
-          (local.set $y (f32x4.mul (local.get $y) (local.get $s)))))
-        (v128.store (i32.add (local.get $out) (local.get $o)) (local.get $y))
-        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
-      (local.set $x (i32.add (local.get $x) (local.get $c4)))
-      (local.set $out (i32.add (local.get $out) (local.get $c4)))
-      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
-    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
-    (local.set $r (i32.add (local.get $r) (local.get $c4)))
-    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
 `;
-
-/** Load the four-lane vector of `ptr` at the channel offset `$o`. */
-const at = (ptr: string) =>
-  `(v128.load (i32.add (local.get $${ptr}) (local.get $o)))`;
 
 /**
  * Instructions that recompute, at the pixel `$x` and channel offset `$o`,
@@ -348,64 +391,42 @@ ${SIG.body}
  * - `norm_grad_dx(x, mean, r, gamma, beta, dz, ra, rb, out, n, hw, c, act)`:
  *   dx = dy (r gamma) - xhat rb - ra, with ra and rb per image and channel.
  */
-const NORM_GRAD = `
-(func (export "norm_grad_sums") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $dz i32) (param $sdy i32) (param $sdyx i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
-  (local $c4 i32) (local $p i32) (local $o i32) (local $xh v128) (local $dy v128) (local $y v128)
-  (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
-  ${SIG.init}
-  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
-  (loop $images
-    (memory.fill (local.get $sdy) (i32.const 0) (local.get $c4))
-    (memory.fill (local.get $sdyx) (i32.const 0) (local.get $c4))
-    (local.set $p (local.get $hw))
-    (loop $pixels
-      (local.set $o (i32.const 0))
-      (loop $chans
-${RECOMPUTE}
+const NORM_GRAD = [
+  channelLoop({
+    name: "norm_grad_sums",
+    params: [
+      ...["x", "mean", "r", "gamma", "beta", "dz", "sdy", "sdyx"],
+      ...["n", "hw", "c", "act"],
+    ],
+    before: `(memory.fill (local.get $sdy) (i32.const 0) (local.get $c4))
+    (memory.fill (local.get $sdyx) (i32.const 0) (local.get $c4))`,
+    body: `${RECOMPUTE}
         (v128.store (i32.add (local.get $sdy) (local.get $o)) (f32x4.add ${
-  at("sdy")
-} (local.get $dy)))
+      at("sdy")
+    } (local.get $dy)))
         (v128.store (i32.add (local.get $sdyx) (local.get $o)) (f32x4.add ${
-  at("sdyx")
-} (f32x4.mul (local.get $dy) (local.get $xh))))
-        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
-      (local.set $x (i32.add (local.get $x) (local.get $c4)))
-      (local.set $dz (i32.add (local.get $dz) (local.get $c4)))
-      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
-    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
-    (local.set $r (i32.add (local.get $r) (local.get $c4)))
-    (local.set $sdy (i32.add (local.get $sdy) (local.get $c4)))
-    (local.set $sdyx (i32.add (local.get $sdyx) (local.get $c4)))
-    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
-
-(func (export "norm_grad_dx") (param $x i32) (param $mean i32) (param $r i32) (param $gamma i32) (param $beta i32) (param $dz i32) (param $ra i32) (param $rb i32) (param $out i32) (param $n i32) (param $hw i32) (param $c i32) (param $act i32)
-  (local $c4 i32) (local $p i32) (local $o i32) (local $xh v128) (local $dy v128) (local $y v128)
-  (local $s v128) (local $e v128) (local $t v128) (local $k v128) (local $q v128) ${SIG.locals}
-  ${SIG.init}
-  (local.set $c4 (i32.shl (local.get $c) (i32.const 2)))
-  (loop $images
-    (local.set $p (local.get $hw))
-    (loop $pixels
-      (local.set $o (i32.const 0))
-      (loop $chans
-${RECOMPUTE}
+      at("sdyx")
+    } (f32x4.mul (local.get $dy) (local.get $xh))))`,
+    perPixel: ["x", "dz"],
+    perImage: ["mean", "r", "sdy", "sdyx"],
+  }),
+  channelLoop({
+    name: "norm_grad_dx",
+    params: [
+      ...["x", "mean", "r", "gamma", "beta", "dz", "ra", "rb", "out"],
+      ...["n", "hw", "c", "act"],
+    ],
+    body: `${RECOMPUTE}
         (v128.store (i32.add (local.get $out) (local.get $o))
           (f32x4.sub
             (f32x4.sub (f32x4.mul (local.get $dy) (f32x4.mul ${at("r")} ${
-  at("gamma")
-})) (f32x4.mul (local.get $xh) ${at("rb")}))
-            ${at("ra")}))
-        (br_if $chans (i32.lt_u (local.tee $o (i32.add (local.get $o) (i32.const 16))) (local.get $c4))))
-      (local.set $x (i32.add (local.get $x) (local.get $c4)))
-      (local.set $dz (i32.add (local.get $dz) (local.get $c4)))
-      (local.set $out (i32.add (local.get $out) (local.get $c4)))
-      (br_if $pixels (local.tee $p (i32.sub (local.get $p) (i32.const 1)))))
-    (local.set $mean (i32.add (local.get $mean) (local.get $c4)))
-    (local.set $r (i32.add (local.get $r) (local.get $c4)))
-    (local.set $ra (i32.add (local.get $ra) (local.get $c4)))
-    (local.set $rb (i32.add (local.get $rb) (local.get $c4)))
-    (br_if $images (local.tee $n (i32.sub (local.get $n) (i32.const 1))))))
-`;
+      at("gamma")
+    })) (f32x4.mul (local.get $xh) ${at("rb")}))
+            ${at("ra")}))`,
+    perPixel: ["x", "dz", "out"],
+    perImage: ["mean", "r", "ra", "rb"],
+  }),
+].join("\n");
 
 /**
  * The kernels' WebAssembly text.
@@ -416,7 +437,7 @@ ${RECOMPUTE}
 export function kernelsWat(shared: boolean): string {
   const memory = shared ? "(memory 1 65536 shared)" : "(memory 1)";
   const kernels = [1, 2, 3, 4, 5, 6].map(microKernel).join("\n");
-  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM}\n${NORM_GRAD})`;
+  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM}\n${NORM_ACT}\n${NORM_GRAD})`;
 }
 
 /**
