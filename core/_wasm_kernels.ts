@@ -29,7 +29,11 @@
 import { tf } from "./backend.ts";
 import { KERNELS_PLAIN, KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
 // Also replaces tfjs's wasm Slice, SplitV and Unpack (see that module).
-import { wasmKernelsSwitchedOff } from "./_wasm_slice.ts";
+import {
+  heapOffset,
+  type WasmBackendLike,
+  wasmKernelsSwitchedOff,
+} from "./_wasm_slice.ts";
 
 /** The exports of ddpm's wasm kernels. */
 interface Kernels {
@@ -98,18 +102,6 @@ interface Kernels {
   ): void;
 }
 
-/** What this module uses of tfjs's wasm backend. */
-interface WasmBackendLike {
-  wasm: {
-    /** The memory of tfjs's threaded build. */
-    wasmMemory?: WebAssembly.Memory;
-    /** The exports of its single-threaded build, memory among them. */
-    asm?: { memory?: WebAssembly.Memory };
-  };
-  dataIdMap: { get(dataId: object): { memoryOffset: number } };
-  makeOutput(shape: number[], dtype: "float32"): tf.TensorInfo;
-}
-
 /** Our kernels per tfjs wasm module (null: they cannot run there). */
 const instances = new WeakMap<object, Kernels | null>();
 
@@ -165,7 +157,7 @@ function register(
     backendName: "wasm",
     kernelFunc: ({ inputs, backend, attrs }) => {
       const b = backend as unknown as WasmBackendLike;
-      const at = (t: tf.TensorInfo) => b.dataIdMap.get(t.dataId).memoryOffset;
+      const at = (t: tf.TensorInfo) => heapOffset(b, t);
       return run(
         b,
         kernelsOf(b)!,

@@ -28,11 +28,29 @@ export function wasmKernelsSwitchedOff(): boolean {
   }
 }
 
-/** What this module uses of tfjs's wasm backend. */
-interface WasmHeapBackend {
-  wasm: { HEAPU8: Uint8Array };
+/** What ddpm's wasm code uses of tfjs's wasm backend. */
+export interface WasmBackendLike {
+  wasm: {
+    /** The heap, as bytes (a fresh view after the memory grows). */
+    HEAPU8: Uint8Array;
+    /** The memory of tfjs's threaded build. */
+    wasmMemory?: WebAssembly.Memory;
+    /** The exports of its single-threaded build, memory among them. */
+    asm?: { memory?: WebAssembly.Memory };
+  };
   dataIdMap: { get(dataId: object): { memoryOffset: number } };
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
+}
+
+/**
+ * Where a tensor's data starts in the wasm heap.
+ *
+ * @param b The wasm backend.
+ * @param t A tensor on it.
+ * @returns Its byte offset.
+ */
+export function heapOffset(b: WasmBackendLike, t: tf.TensorInfo): number {
+  return b.dataIdMap.get(t.dataId).memoryOffset;
 }
 
 /**
@@ -47,37 +65,28 @@ interface WasmHeapBackend {
  * @returns The output's tensor info.
  */
 export function sliceHeap(
-  b: WasmHeapBackend,
+  b: WasmBackendLike,
   x: tf.TensorInfo,
   begin: number[],
   size: number[],
 ): tf.TensorInfo {
   const out = b.makeOutput(size, x.dtype);
-  const total = size.reduce((p, s) => p * s, 1);
-  if (total === 0) return out;
+  if (size.reduce((p, s) => p * s, 1) === 0) return out;
   const bpe = x.dtype === "bool" ? 1 : 4;
-  if (x.shape.length === 0) {
-    // A scalar: its one element.
-    b.wasm.HEAPU8.copyWithin(
-      b.dataIdMap.get(out.dataId).memoryOffset,
-      b.dataIdMap.get(x.dataId).memoryOffset,
-      b.dataIdMap.get(x.dataId).memoryOffset + bpe,
-    );
-    return out;
-  }
-  const rank = x.shape.length;
+  const shape = x.shape; // rank >= 1: tfjs does not slice scalars
+  const rank = shape.length;
   const strides = new Array<number>(rank).fill(1);
   for (let d = rank - 2; d >= 0; d--) {
-    strides[d] = strides[d + 1] * x.shape[d + 1];
+    strides[d] = strides[d + 1] * shape[d + 1];
   }
   // Dims k+1.. are taken whole: a run is size[k] of dim k with all inside it.
   let k = rank - 1;
-  while (k > 0 && size[k] === x.shape[k]) k--;
+  while (k > 0 && size[k] === shape[k]) k--;
   const runBytes = size[k] * strides[k] * bpe;
   // The heap may have grown in makeOutput: read it afterwards.
   const heap = b.wasm.HEAPU8;
-  const src0 = b.dataIdMap.get(x.dataId).memoryOffset;
-  let dst = b.dataIdMap.get(out.dataId).memoryOffset;
+  const src0 = heapOffset(b, x);
+  let dst = heapOffset(b, out);
   let start = 0;
   for (let d = 0; d <= k; d++) start += begin[d] * strides[d];
   // Odometer over dims 0..k-1.
@@ -123,7 +132,7 @@ export const sliceKernel: tf.KernelFunc = (args) => {
     size: number | number[];
   };
   const [b, s] = tf.slice_util.parseSliceParams(x as tf.Tensor, begin, size);
-  return sliceHeap(args.backend as unknown as WasmHeapBackend, x, b, s);
+  return sliceHeap(args.backend as unknown as WasmBackendLike, x, b, s);
 };
 
 replace("Slice", sliceKernel);
@@ -146,7 +155,7 @@ replace("SplitV", (args) => {
     const size = [...x.shape];
     size[a] = s;
     const part = sliceHeap(
-      args.backend as unknown as WasmHeapBackend,
+      args.backend as unknown as WasmBackendLike,
       x,
       begin,
       size,
@@ -169,7 +178,7 @@ replace("Unpack", (args) => {
   return Array.from({ length: value.shape[axis] }, (_, i) => {
     begin[axis] = i;
     const part = sliceHeap(
-      args.backend as unknown as WasmHeapBackend,
+      args.backend as unknown as WasmBackendLike,
       value,
       begin,
       size,
