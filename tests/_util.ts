@@ -41,6 +41,54 @@ export async function readAll(
   return out;
 }
 
+/** How a child process ended, and what it printed. */
+export interface ChildRun {
+  code: number;
+  signal: Deno.Signal | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Run `code` with `deno eval` under the project's deno.json in a fresh
+ * process (tfjs picks its wasm build, and reads the DDPM_* settings, once
+ * per process); killed, and so failed, after `timeoutMs`.
+ *
+ * @param code The module source.
+ * @param env Variables added to this process's environment.
+ * @param timeoutMs How long it may run.
+ * @returns Its exit code, signal and output.
+ */
+export async function evalInChild(
+  code: string,
+  env: Record<string, string> = {},
+  timeoutMs = 120_000,
+): Promise<ChildRun> {
+  const root = new URL("..", import.meta.url).pathname;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--config", `${root}deno.json`, code],
+    cwd: root,
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const timer = setTimeout(() => child.kill(), timeoutMs);
+  const out = await child.output();
+  clearTimeout(timer);
+  const text = new TextDecoder();
+  return {
+    code: out.code,
+    signal: out.signal,
+    stdout: text.decode(out.stdout),
+    stderr: text.decode(out.stderr),
+  };
+}
+
+/** The last line a child printed, parsed as JSON. */
+export function lastJson<T>(stdout: string): T {
+  return JSON.parse(stdout.trim().split("\n").pop()!) as T;
+}
+
 /**
  * GroupNorm statistics of NHWC `x` in float64, by the definition: for each
  * image and group (image-major), the mean and r = 1 / sqrt(v + eps) with v

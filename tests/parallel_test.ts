@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { evalInChild, lastJson } from "./_util.ts";
 import { initBackend, tf } from "../core/backend.ts";
 import { makeSchedule } from "../core/schedule.ts";
 import { disposeTrainerState, Trainer } from "../core/train.ts";
@@ -216,24 +217,17 @@ Deno.test("a program that never disposes its trainer with workers still exits wh
     console.log(JSON.stringify({ step: r.step, workers: trainer.workers, finite: Number.isFinite(r.loss) }));
     await new Promise((done) => setTimeout(done, 200));
   `;
-    const root = new URL("..", import.meta.url).pathname;
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["eval", "--config", `${root}deno.json`, code],
-      cwd: root,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    // Give up (and fail) if it hangs.
-    const timer = setTimeout(() => child.kill(), 30_000);
-    const out = await child.output();
-    clearTimeout(timer);
-    const stderr = new TextDecoder().decode(out.stderr);
+    // Fails if it hangs.
+    const out = await evalInChild(code, {}, 30_000);
     assert.equal(
       out.code,
       0,
-      `exit ${out.code} ${out.signal ?? ""}: ${stderr}`,
+      `exit ${out.code} ${out.signal ?? ""}: ${out.stderr}`,
     );
-    const line = new TextDecoder().decode(out.stdout).trim().split("\n").pop()!;
-    assert.deepEqual(JSON.parse(line), { step: 1, workers: 2, finite: true });
+    assert.deepEqual(lastJson(out.stdout), {
+      step: 1,
+      workers: 2,
+      finite: true,
+    });
   }
 });

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d } from "../core/_conv.ts";
 import { groupNorm, groupNormSilu } from "../core/_layers.ts";
-import { groupNormF64, randoms } from "./_util.ts";
+import { evalInChild, groupNormF64, lastJson, randoms } from "./_util.ts";
 import { assembleKernels, BIN_PATH, binSource } from "./tools/wasm_kernels.ts";
 
 Deno.test("the committed wasm kernels are the ones tests/tools/wasm_kernels.ts assembles from its text", async () => {
@@ -270,25 +270,9 @@ Deno.test("DDPM_WASM_KERNELS=0 switches ddpm's wasm kernels off: tfjs's ops give
     }));
   `;
   const run = async (setting: string) => {
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "eval",
-        "--config",
-        new URL("../deno.json", import.meta.url).pathname,
-        code,
-      ],
-      env: { DDPM_WASM_KERNELS: setting },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const stderr = new TextDecoder().decode(out.stderr);
-    assert.equal(out.code, 0, stderr);
-    return JSON.parse(
-      new TextDecoder().decode(out.stdout).trim().split("\n").pop()!,
-    ) as {
-      ours: string[];
-      values: number[][];
-    };
+    const out = await evalInChild(code, { DDPM_WASM_KERNELS: setting });
+    assert.equal(out.code, 0, out.stderr);
+    return lastJson<{ ours: string[]; values: number[][] }>(out.stdout);
   };
   const [on, off] = [await run(""), await run("0")];
   assert.deepEqual(

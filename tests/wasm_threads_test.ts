@@ -1,21 +1,24 @@
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
 import { initBackend, tf } from "../core/backend.ts";
 import { setWasmThreads } from "../core/wasm_threads.ts";
+import { type ChildRun, evalInChild, lastJson } from "./_util.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+/** What the child prints. */
+interface ChildOut {
+  backend: string;
+  threads: number;
+  conv: number[];
+  mm: number[];
+  dw: number[];
+  ours: boolean;
+}
 
 /**
  * In a fresh process (tfjs picks its wasm build once per process): start
  * wasm with DDPM_WASM_THREADS threads, and print the thread count and a
  * convolution's and a matrix product's values as JSON.
  */
-async function child(threads: string): Promise<{
-  code: number;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}> {
+function child(threads: string): Promise<ChildRun> {
   const backend = new URL("../core/backend.ts", import.meta.url).href;
   const wt = new URL("../core/wasm_threads.ts", import.meta.url).href;
   const conv2d = new URL("../core/_conv.ts", import.meta.url).href;
@@ -37,28 +40,15 @@ async function child(threads: string): Promise<{
     const ours = prof.kernelNames.includes("DdpmFilterGrad");
     console.log(JSON.stringify({ backend: tf.getBackend(), threads: wasmThreads(), conv, mm, dw, ours }));
   `;
-  const t0 = performance.now();
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--config", `${root}/deno.json`, code],
-    cwd: root,
-    env: { DDPM_WASM_THREADS: threads },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  return {
-    code: out.code,
-    stdout: new TextDecoder().decode(out.stdout),
-    stderr: new TextDecoder().decode(out.stderr),
-    ms: performance.now() - t0,
-  };
+  return evalInChild(code, { DDPM_WASM_THREADS: threads });
 }
 
 Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's weight-gradient kernel on its shared memory: same values as one thread, and the process exits by itself", async () => {
   const [one, two] = [await child("1"), await child("2")];
   assert.equal(one.code, 0, one.stderr);
   assert.equal(two.code, 0, two.stderr);
-  const a = JSON.parse(one.stdout.trim().split("\n").pop()!);
-  const b = JSON.parse(two.stdout.trim().split("\n").pop()!);
+  const a = lastJson<ChildOut>(one.stdout);
+  const b = lastJson<ChildOut>(two.stdout);
   assert.equal(a.backend, "wasm");
   assert.equal(b.backend, "wasm");
   assert.equal(a.threads, 1);
@@ -66,8 +56,8 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's w
   assert.ok(a.ours && b.ours, "the weight gradient is ddpm's wasm kernel's");
   // XNNPACK splits the work across threads, not the sums: equal up to rounding.
   for (const key of ["conv", "mm", "dw"] as const) {
-    const x = a[key] as number[];
-    const y = b[key] as number[];
+    const x = a[key];
+    const y = b[key];
     assert.equal(x.length, y.length);
     let err = 0;
     for (let i = 0; i < x.length; i++) {
