@@ -634,13 +634,13 @@ function countOpt(
 }
 
 /**
- * --threads of sample and eval: the wasm backend's threads, one per core
- * (up to 8) by default; without the flag, DDPM_WASM_THREADS still decides
- * when it is set. Takes effect when the backend starts.
+ * --threads of sample and eval (checked by {@linkcode countOpt}): the wasm
+ * backend's threads, one per core (up to 8) by default; without the flag,
+ * DDPM_WASM_THREADS still decides when it is set. Takes effect when the
+ * backend starts.
  */
-function chooseThreads(values: Record<string, unknown>): void {
-  const n = countOpt(values, "threads");
-  if (values.threads === undefined && Deno.env.get("DDPM_WASM_THREADS")) {
+function chooseThreads(given: boolean, n: number | "auto"): void {
+  if (!given && Deno.env.get("DDPM_WASM_THREADS")) {
     setWasmThreads(null);
     return;
   }
@@ -1091,7 +1091,8 @@ async function sampleFromArgs(
   if (values.ema === true && values.live === true) {
     throw new UsageError("give --ema or --live, not both");
   }
-  countOpt(values, "threads"); // checked now, applied before the backend starts
+  // Checked now, applied before the backend starts.
+  const threads = countOpt(values, "threads");
   // The sampler's options, typed by its schema.
   const opts: Record<string, unknown> = {};
   for (const [name, flag] of own) {
@@ -1136,7 +1137,7 @@ async function sampleFromArgs(
   }
   await beforeLoad(values, checkpoint);
 
-  chooseThreads(values);
+  chooseThreads(values.threads !== undefined, threads);
   await startBackend(values);
   const model = await loadTrainedModel(checkpoint, {
     weights: values.live === true

@@ -316,6 +316,11 @@ export function wasmFilterGrad(
   });
 }
 
+/** Whether the GroupNorm kernels take x: non-empty, C a multiple of 4, on wasm. */
+function normApplies(x: tf.Tensor4D): boolean {
+  return x.shape[3] % 4 === 0 && x.size > 0 && wasmKernelsReady();
+}
+
 /**
  * GroupNorm's per-(image, group) mean and r = 1 / sqrt(biased variance +
  * eps), broadcast to `[N, 1, 1, C]`, on the wasm backend; null where our
@@ -331,7 +336,7 @@ export function wasmNormStats(
   groups: number,
   eps: number,
 ): [tf.Tensor4D, tf.Tensor4D] | null {
-  if (x.shape[3] % 4 !== 0 || x.size === 0 || !wasmKernelsReady()) return null;
+  if (!normApplies(x)) return null;
   const [mean, r] = tf.engine().runKernel(
     "DdpmNormStats",
     { x },
@@ -360,7 +365,7 @@ export function wasmNormAct(
   beta: tf.Tensor,
   act: boolean,
 ): tf.Tensor4D | null {
-  if (x.shape[3] % 4 !== 0 || x.size === 0 || !wasmKernelsReady()) return null;
+  if (!normApplies(x)) return null;
   return tf.engine().runKernel(
     "DdpmNormAct",
     { x, mean, r, gamma, beta },
@@ -396,9 +401,7 @@ export function wasmNormGradSums(
   t: NormGradInputs,
   act: boolean,
 ): [tf.Tensor4D, tf.Tensor4D] | null {
-  if (t.x.shape[3] % 4 !== 0 || t.x.size === 0 || !wasmKernelsReady()) {
-    return null;
-  }
+  if (!normApplies(t.x)) return null;
   const [sdy, sdyx] = tf.engine().runKernel(
     "DdpmNormGradSums",
     { ...t },
