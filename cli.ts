@@ -669,6 +669,7 @@ async function train(args: string[]): Promise<number> {
   );
   const checkpointEvery = intOpt(values, "checkpoint-every", 0);
   const sampleEvery = intOpt(values, "sample-every", 0);
+  const workers = countOpt(values, "workers");
   const samplerName = str(values, "sampler") ?? "ddim";
   let sampler: SamplerPlugin;
   try {
@@ -717,7 +718,6 @@ async function train(args: string[]): Promise<number> {
   }
   await checkWritableDir(out, "output folder");
 
-  const workers = countOpt(values, "workers");
   const backend = await startBackend(values);
   const overrides = {
     checkpointEvery,

@@ -382,6 +382,12 @@ Deno.test("each user mistake gets one line and exit code 2 (usage) or 1 (failure
       2,
       /--workers out of range \(got "0", expected auto or an integer in \[1, 8\]\)/,
     ],
+    // Flags are checked before the output folder, even one holding a run.
+    [
+      ["train", "--workers", "0", "--out", trained],
+      2,
+      /--workers out of range \(got "0"/,
+    ],
     [["train", "--schedule", "cubic"], 2, /unknown --schedule \(got "cubic"/],
     [["train", "--steps"], 2, /--steps needs a value/],
     [["train", "extra"], 2, /unexpected argument "extra"/],
