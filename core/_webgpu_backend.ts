@@ -227,6 +227,23 @@ export class FastUploadBackend extends WebGPUBackend {
   }
 }
 
+/** The buffers each bind group made on a device set up by {@linkcode reuseDeviceObjects} binds, by binding number. */
+const groupBuffers = new WeakMap<GPUBindGroup, (GPUBuffer | null)[]>();
+
+/**
+ * The buffers a bind group binds, by binding number (`null` for a binding
+ * that is not a buffer), when it was made on a device set up by
+ * {@linkcode reuseDeviceObjects}; `undefined` otherwise.
+ *
+ * @param group A bind group.
+ * @returns Its buffers, or `undefined`.
+ */
+export function bindGroupBuffers(
+  group: GPUBindGroup,
+): readonly (GPUBuffer | null)[] | undefined {
+  return groupBuffers.get(group);
+}
+
 /** Bind groups kept by {@linkcode reuseDeviceObjects}, least recently used first out. */
 const BIND_GROUP_CACHE = 4096;
 
@@ -267,7 +284,17 @@ export function reuseDeviceObjects(device: GPUDevice): void {
     memoLayouts(await createPipelineAsync(d));
 
   const groups = new Map<string, GPUBindGroup>();
-  const createBindGroup = device.createBindGroup.bind(device);
+  const create = device.createBindGroup.bind(device);
+  const createBindGroup = (d: GPUBindGroupDescriptor) => {
+    const group = create(d);
+    const buffers: (GPUBuffer | null)[] = [];
+    for (const e of d.entries) {
+      const b = (e.resource as GPUBufferBinding | undefined)?.buffer;
+      buffers[e.binding] = b instanceof GPUBuffer ? b : null;
+    }
+    groupBuffers.set(group, buffers);
+    return group;
+  };
   device.createBindGroup = (d: GPUBindGroupDescriptor) => {
     let key = String(id(d.layout));
     for (const e of d.entries) {
