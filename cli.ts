@@ -46,6 +46,7 @@ import {
   type RunSetup,
   type RunSetupInput,
   type SamplerPlugin,
+  replayOnWebGpu,
   setWasmThreads,
   spreadImages,
   type StepMetrics,
@@ -1190,8 +1191,11 @@ async function sampleFromArgs(
     Deno.addSignalListener("SIGINT", onSigint);
     let images: tf.Tensor4D;
     const t0 = performance.now();
+    // On WebGPU the UNet's dispatches are recorded once and replayed.
+    const unet = model.unet;
+    const eps = replayOnWebGpu((x, t) => unet.predict(x, t));
     try {
-      images = await plugin.sample(model.unet, model.schedule, {
+      images = await plugin.sample(eps, model.schedule, {
         ...checked,
         signal: controller.signal,
         onStep: ({ i, steps }) => {
@@ -1219,6 +1223,7 @@ async function sampleFromArgs(
     } finally {
       Deno.removeSignalListener("SIGINT", onSigint);
       (progress as Progress | null)?.stop();
+      eps.dispose();
     }
     return {
       images,

@@ -34,6 +34,11 @@ export {
 } from "./core/backend.ts";
 export { setWasmThreads, wasmThreads } from "./core/wasm_threads.ts";
 export { wasmKernelsReady } from "./core/_wasm_kernels.ts";
+export {
+  type ModelFn,
+  type ReplayedModel,
+  replayOnWebGpu,
+} from "./core/_webgpu_replay.ts";
 export { writeFileAtomic } from "./core/atomic.ts";
 export {
   extract,

@@ -52,6 +52,12 @@ export interface ReplayedModel extends ModelFn {
   readonly stats: { replayed: number; captured: number; plain: number };
   /** Why the model runs through tfjs, if it does ("" while it replays or may). */
   readonly fallback: string;
+  /**
+   * Resolves once every pending check of a first replay is answered: from
+   * then on, calls with the shapes seen so far replay (unless `fallback`
+   * says otherwise).
+   */
+  settled(): Promise<void>;
 }
 
 /** The parts of tfjs's WebGPU backend a replay works with. */
@@ -483,6 +489,7 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     { replay: Replay | null; state: "capture" | "verify" | "checking" | "ok" }
   >();
   const stats = { replayed: 0, captured: 0, plain: 0 };
+  const pending = new Set<Promise<void>>();
   let fallback = switchedOff() ? "DDPM_WEBGPU_REPLAY=0" : "";
   const plain = (x: tf.Tensor4D, t: tf.Tensor1D) => {
     stats.plain++;
@@ -593,7 +600,7 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
       got.dispose();
       const entry = s;
       entry.state = "checking";
-      differ.data().then((v) => {
+      const check = differ.data().then((v) => {
         differ.dispose();
         if (byShape.get(key) !== entry) return;
         if (v[0]) giveUp("cannot replay: a replayed call differed from tfjs's");
@@ -601,7 +608,8 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
       }, () => {
         differ.dispose();
         giveUp("cannot replay: the check could not be read back");
-      });
+      }).finally(() => pending.delete(check));
+      pending.add(check);
       return want;
     }
     return plain(x, t);
@@ -609,6 +617,11 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
   Object.defineProperties(fn, {
     stats: { get: () => ({ ...stats }) },
     fallback: { get: () => fallback },
+    settled: {
+      value: async () => {
+        while (pending.size > 0) await Promise.all(pending);
+      },
+    },
     dispose: {
       value: () => {
         for (const s of byShape.values()) s.replay?.dispose();

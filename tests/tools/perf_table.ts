@@ -29,6 +29,7 @@ import { makeSchedule } from "../../core/schedule.ts";
 import { Trainer } from "../../core/train.ts";
 import { UNet } from "../../core/unet.ts";
 import { setWasmThreads, wasmThreads } from "../../core/wasm_threads.ts";
+import { replayOnWebGpu } from "../../core/_webgpu_replay.ts";
 import { sampleDdim } from "../../samplers/ddim.ts";
 import { unetForwardFlops, unetTrainFlops } from "./unet_flops.ts";
 
@@ -55,12 +56,17 @@ export interface Variant {
   reps: number;
   /** Which parts to measure. */
   parts: ("forward" | "train" | "sample")[];
+  /** Forward passes and sampling through {@linkcode replayOnWebGpu}. */
+  replay?: boolean;
 }
 
 /** What a variant measured (seconds are medians). */
 export interface Result extends Variant {
   adapter: string | null;
   threadsUsed: number;
+  /** What the replay did: calls replayed, captured and run plainly, and why not if not. */
+  replayStats?: { replayed: number; captured: number; plain: number };
+  replayFallback?: string;
   forwardSeconds?: number;
   trainSeconds?: number;
   sampleSeconds?: number;
@@ -144,6 +150,9 @@ export async function measure(v: Variant): Promise<Result> {
     ) as tf.Tensor4D;
   const schedule = makeSchedule({ T: 1000 });
   const unet = new UNet({ base: v.base, seed: 1 });
+  const plain = (x: tf.Tensor4D, t: tf.Tensor1D) => unet.predict(x, t);
+  const replayed = v.replay ? replayOnWebGpu(plain) : null;
+  const model = replayed ?? plain;
   try {
     if (v.parts.includes("forward")) {
       const xf = x(v.forwardBatch, 1);
@@ -152,9 +161,14 @@ export async function measure(v: Variant): Promise<Result> {
         "int32",
       );
       let last: tf.Tensor | null = null;
+      if (replayed !== null) {
+        // Capture, then the first replay's check.
+        for (let i = 0; i < 2; i++) tf.dispose(replayed(xf, t));
+        await replayed.settled();
+      }
       result.forwardSeconds = await timeLoop(v.reps, () => {
         last?.dispose();
-        last = unet.predict(xf, t);
+        last = model(xf, t);
         return Promise.resolve();
       }, async () => {
         await last!.data();
@@ -164,7 +178,7 @@ export async function measure(v: Variant): Promise<Result> {
     }
     if (v.parts.includes("sample")) {
       result.sampleSeconds = await timeIt(v.reps, async () => {
-        const images = await sampleDdim(unet, schedule, {
+        const images = await sampleDdim(model, schedule, {
           n: v.sampleBatch,
           imgSize: 32,
           numSteps: v.sampleSteps,
@@ -197,6 +211,11 @@ export async function measure(v: Variant): Promise<Result> {
       }
     }
   } finally {
+    if (replayed !== null) {
+      result.replayStats = replayed.stats;
+      result.replayFallback = replayed.fallback;
+      replayed.dispose();
+    }
     unet.dispose();
     schedule.dispose();
   }
@@ -403,12 +422,23 @@ async function main(args: string[]): Promise<number> {
     } else if (b === "cpu" || b === "webgpu") {
       variants.push({
         ...common,
-        label: b,
+        label: b === "webgpu" ? "webgpu, through tfjs" : b,
         backend: b,
         threads: 1,
         workers: 1,
         parts: all,
       });
+      if (b === "webgpu") {
+        variants.push({
+          ...common,
+          label: "webgpu, replayed (sampling)",
+          backend: b,
+          threads: 1,
+          workers: 1,
+          parts: ["forward", "sample"],
+          replay: true,
+        });
+      }
     } else {
       console.error(`unknown backend ${b}`);
       return 2;
@@ -428,7 +458,15 @@ async function main(args: string[]): Promise<number> {
       console.error(`  ${v.label} failed`);
       continue;
     }
-    results.push(JSON.parse(text) as Result);
+    const r = JSON.parse(text) as Result;
+    if (r.replayStats !== undefined) {
+      console.error(
+        `  replay: ${JSON.stringify(r.replayStats)}${
+          r.replayFallback ? `, ${r.replayFallback}` : ""
+        }`,
+      );
+    }
+    results.push(r);
   }
   const gemm = await nativeGemm();
   let torch: Record<string, number | string>[] = [];
