@@ -408,7 +408,7 @@ class Replay {
   /** Hand every held buffer back (to the pool where its owner let go). */
   dispose(): void {
     // Nothing queued may still use them.
-    if (this.backend.commandEncoder !== null) this.backend.submitQueue();
+    flush(this.backend);
     tf.dispose([this.output, ...this.inputs]);
     const pool = this.backend.bufferManager as unknown as {
       releaseHeld(b: GPUBuffer): void;
@@ -442,6 +442,13 @@ function copyTensor(b: Backend, src: tf.Tensor4D): tf.Tensor4D {
     b.submitQueue();
   }
   return tf.engine().makeTensorFromTensorInfo(info) as tf.Tensor4D;
+}
+
+/** Submit tfjs's pending commands, ending its compute pass first. */
+function flush(b: Backend): void {
+  if (b.commandEncoder === null) return;
+  b.endComputePassEncoder();
+  b.submitQueue();
 }
 
 /** Copy a tensor's data into `dst` through tfjs's command encoder. */
@@ -536,7 +543,6 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     tf.keep(xIn);
     tf.keep(tIn);
     tf.keep(y);
-    const out = copyTensor(b, y);
     let replay: Replay | null = null;
     if (
       !rec.bad && y.dtype === "float32" &&
@@ -548,8 +554,10 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
         rec.bad = (e as Error).message;
       }
     }
+    // After the replay has taken its buffers out of the pool.
+    const out = copyTensor(b, y);
     if (replay === null) {
-      b.submitQueue();
+      flush(b);
       tf.dispose([xIn, tIn, y]);
       pool.releaseBuffer(xBuf);
       pool.releaseBuffer(tBuf);
@@ -578,6 +586,7 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     }
     if (s === undefined) {
       const { out, replay } = capture(b, x, t);
+
       if (replay !== null) byShape.set(key, { replay, state: "verify" });
       return out;
     }

@@ -1,8 +1,8 @@
 #!/bin/sh
 # The performance comparison on a machine with an NVIDIA GPU, in order of
 # value (a run cut short keeps what it did):
-#   1. a per-kernel and per-API-call profile of the WebGPU forward pass and
-#      training step (tests/tools/gpu_profile.ts), base 64;
+#   1. with DDPM_GPU_PROFILE=1, a per-kernel and per-API-call profile of the
+#      WebGPU forward pass and training step (tests/tools/gpu_profile.ts), base 64;
 #   2. the reference PyTorch script (tests/reference/bench_reference.py,
 #      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
@@ -11,7 +11,9 @@
 #      (v8.log.xz; read it with `node --prof-process`);
 #   4. the command line's main job on the GPU: a short training run on
 #      mnist-lite (DDPM_GPU_TRAIN_MIN minutes, 1.5 by default) and DDIM
-#      sampling from its checkpoint.
+#      sampling from its checkpoint;
+#   5. 256 images by 50 DDIM steps from that checkpoint, replayed and through
+#      tfjs (DDPM_WEBGPU_REPLAY=0), and whether the two are identical.
 # Needs out/gpu/ from tests/tools/gpu_pack.sh (Deno and the bundled tools;
 # the machine needs no package registry) and python3 with PyTorch. Where the
 # machine has no Vulkan loader, put the Debian packages libvulkan1 (and the
@@ -47,11 +49,13 @@ export DENO_DIR="$bin/cache" DENO_NO_UPDATE_CHECK=1 XDG_RUNTIME_DIR="${XDG_RUNTI
 } > "$out/gpu.txt"
 cat "$out/gpu.txt"
 
+if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
 echo "== 1. WebGPU profile, base 64"
 timeout 150 "$deno" run -A out/gpu/gpu_profile.js --base 64 \
   --forward-batch 16 --train-batch 64 --reps 5 --batches 15 \
   --json "$out/profile.json" > "$out/profile.txt" 2>&1 || echo "profile failed"
 grep -v "^ .*x  [A-Za-z0-9]* \[" "$out/profile.txt"
+fi
 
 for base in 64 32; do
   echo "== 2. base $base: PyTorch"
@@ -84,6 +88,13 @@ timeout 150 "$deno" run -A "$bin/cli.js" train --dataset mnist-lite \
 timeout 90 "$deno" run -A "$bin/cli.js" sample \
   --checkpoint "$run/checkpoint.safetensors" --steps 20 --seed 0 \
   --out "$out/main_job_samples.png" 2>&1 | tail -3
+echo "== 5. sample 256 images, 50 DDIM steps: replayed, then through tfjs (same images expected)"
+for mode in 1 0; do
+  DDPM_WEBGPU_REPLAY=$mode timeout 120 "$deno" run -A "$bin/cli.js" sample \
+    --checkpoint "$run/checkpoint.safetensors" --steps 50 --n 256 --seed 0 \
+    --format npy --out "$bin/replay$mode.npy" 2>&1 | tail -1
+done
+cmp "$bin/replay1.npy" "$bin/replay0.npy" && echo "replayed and tfjs images identical"
 cp "$run/metrics.jsonl" "$out/main_job_metrics.jsonl" 2>/dev/null
 # A device call returns at most 8 files: everything also goes in one archive.
 (cd "$out" && tar czf "$bin/results.tgz" . && mv "$bin/results.tgz" . &&
