@@ -238,7 +238,7 @@ function installSpies(): void {
 /** Buffers held by replays: how many hold each, and who to tell when its owner lets go. */
 const held = new Map<
   GPUBuffer,
-  { holders: Set<Replay>; released: boolean; stealable: boolean }
+  { holders: Set<Replay>; released: boolean }
 >();
 const patchedPools = new WeakSet<object>();
 
@@ -361,7 +361,7 @@ class Replay {
       if (h === undefined) {
         // A buffer released during the call sits in the pool's free lists.
         const inPool = takeFromPool(pool, b);
-        h = { holders: new Set(), released: inPool, stealable: inPool };
+        h = { holders: new Set(), released: inPool };
         held.set(b, h);
       }
       h.holders.add(this);
