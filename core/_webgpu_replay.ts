@@ -376,15 +376,9 @@ class Replay {
   /** Encode the recorded work for new inputs; returns the output, a new tensor. */
   run(x: tf.Tensor4D, t: tf.Tensor1D): tf.Tensor4D {
     const b = this.backend;
-    b.uploadToGPU(x.dataId);
-    b.uploadToGPU(t.dataId);
-    const xSrc = b.tensorMap.get(x.dataId)!.resource as GPUBuffer;
-    const tSrc = b.tensorMap.get(t.dataId)!.resource as GPUBuffer;
-    b.ensureCommandEncoderReady();
-    b.endComputePassEncoder();
+    copyInto(b, x, this.xBuf);
+    copyInto(b, t, this.tBuf);
     const enc = b.commandEncoder!;
-    enc.copyBufferToBuffer(xSrc, 0, this.xBuf, 0, x.size * 4);
-    enc.copyBufferToBuffer(tSrc, 0, this.tBuf, 0, t.size * 4);
     let pass: GPUComputePassEncoder | null = null;
     for (const s of this.steps) {
       if (s.kind === "dispatch") {
@@ -399,8 +393,6 @@ class Replay {
       }
     }
     pass?.end();
-    b.commandQueueOwnedIds.add(x.dataId);
-    b.commandQueueOwnedIds.add(t.dataId);
     b.dispatchCountInPass += this.dispatches;
     return copyTensor(b, this.output);
   }
@@ -493,7 +485,7 @@ function switchedOff(): boolean {
 export function replayOnWebGpu(model: ModelFn): ReplayedModel {
   const byShape = new Map<
     string,
-    { replay: Replay | null; state: "capture" | "verify" | "checking" | "ok" }
+    { replay: Replay; state: "verify" | "checking" | "ok" }
   >();
   const stats = { replayed: 0, captured: 0, plain: 0 };
   const pending = new Set<Promise<void>>();
@@ -502,10 +494,13 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     stats.plain++;
     return model(x, t);
   };
+  const clear = () => {
+    for (const s of byShape.values()) s.replay.dispose();
+    byShape.clear();
+  };
   const giveUp = (why: string) => {
     fallback = why;
-    for (const s of byShape.values()) s.replay?.dispose();
-    byShape.clear();
+    clear();
   };
 
   const capture = (b: Backend, x: tf.Tensor4D, t: tf.Tensor1D) => {
@@ -579,18 +574,17 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     }
     const key = `${x.shape}|${t.shape}|${x.dtype}|${t.dtype}`;
     let s = byShape.get(key);
-    if (s?.replay?.stale) {
+    if (s?.replay.stale) {
       s.replay.dispose();
       s = undefined;
       byShape.delete(key);
     }
     if (s === undefined) {
       const { out, replay } = capture(b, x, t);
-
       if (replay !== null) byShape.set(key, { replay, state: "verify" });
       return out;
     }
-    const replay = s.replay!;
+    const replay = s.replay;
     if (s.state === "ok") {
       stats.replayed++;
       return replay.run(x, t);
@@ -631,12 +625,7 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
         while (pending.size > 0) await Promise.all(pending);
       },
     },
-    dispose: {
-      value: () => {
-        for (const s of byShape.values()) s.replay?.dispose();
-        byShape.clear();
-      },
-    },
+    dispose: { value: clear },
   });
   return fn;
 }
