@@ -1578,5 +1578,8 @@ export async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args));
+  // Not Deno.exit: the process ends when its work has, after the training
+  // workers' threads have been torn down (exiting while they were once
+  // aborted the process with a heap corruption).
+  Deno.exitCode = await main(Deno.args);
 }

@@ -92,8 +92,8 @@ interface Pending {
  * a shard, so a trainer that is never disposed does not keep a finished
  * program from exiting.
  */
-/** How long a disposed pool keeps the process alive for its threads to end. */
-const GRACE_MS = 150;
+/** The longest a disposed pool keeps the process alive for its threads to end. */
+const GRACE_MS = 5000;
 
 export class GradientPool {
   /** Number of workers. */
@@ -240,10 +240,17 @@ export class GradientPool {
     if (this.#disposed) return;
     this.#disposed = true;
     globalThis.removeEventListener("beforeunload", this.#onBeforeUnload);
-    for (const w of this.#workers) w.terminate();
-    // Keep the process a moment longer, so that it does not end while the
-    // threads are torn down (see the constructor).
-    setTimeout(() => {}, GRACE_MS);
+    // Keep the process alive until every thread has ended (or GRACE_MS has
+    // passed), so that it does not end while they are torn down (see the
+    // constructor).
+    let left = this.#workers.length;
+    const hold = setTimeout(() => {}, GRACE_MS);
+    for (const w of this.#workers) {
+      w.once("exit", () => {
+        if (--left === 0) clearTimeout(hold);
+      });
+      w.terminate();
+    }
     this.#fail(
       new Error(
         "Cannot train in parallel: the worker pool was disposed during a step",

@@ -12,7 +12,7 @@
  */
 import { parentPort } from "node:worker_threads";
 import { setWasmThreads } from "./wasm_threads.ts";
-import { initBackend, tf } from "./backend.ts";
+import { activateCpuBackend, tf } from "./backend.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
 import { type ShardInput, shardLoss } from "./_parallel.ts";
 
@@ -38,7 +38,7 @@ function post(message: unknown, transfer: ArrayBuffer[] = []): void {
 
 async function init(m: InitMessage): Promise<void> {
   setWasmThreads(m.threads);
-  await initBackend(m.backend);
+  await activateCpuBackend(m.backend);
   unet = new UNet({ ...m.config, seed: 0 });
   keys = m.keys;
   post({ kind: "ready", backend: tf.getBackend() });

@@ -128,6 +128,23 @@ async function registerWebGpu(probe: AdapterProbe): Promise<void> {
   webgpuDevice = device;
 }
 
+/**
+ * Activate a CPU backend without asking for a WebGPU adapter: for worker
+ * threads, where an adapter opened only to be described is one more
+ * graphics-driver instance to tear down at exit (Mesa's, on a machine
+ * without a GPU).
+ *
+ * @param name "wasm" or "cpu"; wasm falls back to cpu if it fails to start.
+ * @returns The backend now active.
+ */
+export async function activateCpuBackend(
+  name: "wasm" | "cpu",
+): Promise<"wasm" | "cpu"> {
+  if (await activate(name)) return name;
+  if (name === "wasm" && await activate("cpu")) return "cpu";
+  throw new Error(`Cannot initialise backend: ${name} failed to start`);
+}
+
 async function activate(name: "webgpu" | "wasm" | "cpu"): Promise<boolean> {
   try {
     const ok = await tf.setBackend(name);
