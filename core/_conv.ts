@@ -21,7 +21,11 @@
 import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
-import { webgpuFilterGrad } from "./_webgpu_conv.ts";
+import {
+  webgpuConv2d,
+  webgpuConvApplies,
+  webgpuFilterGrad,
+} from "./_webgpu_conv.ts";
 import { wasmFilterGrad, wasmKernelsReady } from "./_wasm_kernels.ts";
 
 type Shape4 = [number, number, number, number];
@@ -79,6 +83,20 @@ function customOp(
     )
   );
   return (...inputs) => op(...inputs) as tf.Tensor4D;
+}
+
+/** Whether the convolutions are switched to tfjs's own on WebGPU (`DDPM_WEBGPU_CONV=tfjs`). */
+const tfjsWebGpuConv = (() => {
+  try {
+    return Deno.env.get("DDPM_WEBGPU_CONV") === "tfjs";
+  } catch {
+    return false;
+  }
+})();
+
+/** Whether a convolution with these channel counts runs on our WebGPU kernel. */
+function ourWebGpuConv(cin: number, cout: number): boolean {
+  return !tfjsWebGpuConv && webgpuConvApplies(cin, cout);
 }
 
 /** Output size of a convolution along one axis, as PyTorch computes it. */
@@ -139,12 +157,25 @@ function adjoint(
   stride: number,
   pad: number,
 ): tf.Tensor4D {
+  const [kh, kw, cout, cin] = w.shape;
+  if (stride === 1 && ourWebGpuConv(cin, cout)) {
+    // A stride-1 convolution of dy with the kernel flipped and its
+    // channel axes swapped, padded by kh - 1 - pad.
+    return tf.tidy(() =>
+      webgpuConv2d(dy, tf.reverse(tf.transpose(w, [0, 1, 3, 2]), [0, 1]), {
+        stride: 1,
+        padY: kh - 1 - pad,
+        padX: kw - 1 - pad,
+        oh: outShape[1],
+        ow: outShape[2],
+      })
+    );
+  }
   if (tf.getBackend() !== "wasm") {
     return tf.conv2dTranspose(dy, w, outShape, stride, pad);
   }
   return tf.tidy(() => {
     const [n, h, wd] = dy.shape;
-    const [kh, kw, cout, cin] = w.shape;
     const [, oh, ow] = outShape;
     const qh = Math.ceil(oh / stride);
     const qw = Math.ceil(ow / stride);
@@ -393,6 +424,17 @@ export function convForward(
   pad: number,
   bias?: tf.Tensor,
 ): tf.Tensor4D {
+  const [kh, kw, cin, cout] = w.shape;
+  if (ourWebGpuConv(cin, cout)) {
+    return webgpuConv2d(x, w, {
+      stride,
+      padY: pad,
+      padX: pad,
+      oh: convOutSize(x.shape[1], kh, stride, pad),
+      ow: convOutSize(x.shape[2], kw, stride, pad),
+      bias,
+    });
+  }
   const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
   return bias === undefined
     ? tf.conv2d(x, w, stride, padding)
@@ -484,11 +526,8 @@ export function conv2dTranspose(
       value: bi === undefined ? y : tf.add(y, bi),
       gradFunc: (g, saved) => {
         const [xv, wv] = saved as tf.Tensor4D[];
-        const padding = pad === 0
-          ? "valid"
-          : spatialPadding(pad, pad, pad, pad);
         const grads = [
-          tf.conv2d(g, wv, stride, padding),
+          convForward(g, wv, stride, pad),
           // The transposed conv is the adjoint of conv2d(., w) mapping the
           // output back to x, so its dW is that conv's dW with the roles of
           // input (here dy) and output gradient (here x) exchanged.

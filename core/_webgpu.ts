@@ -35,6 +35,10 @@ export interface WebGpuProgram {
   workgroupSize: [number, number, number];
   /** Declare `uniforms.size` (the output's element count). */
   size?: boolean;
+  /** Components per element of each input binding (4: `array<vec4<f32>>`); default 1. */
+  variableComponents?: number[];
+  /** Components per element of the output binding; default 1. */
+  outputComponent?: number;
   /** Extra uniform declarations. */
   uniforms?: string;
   getUserCode(): string;

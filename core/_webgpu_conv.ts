@@ -339,3 +339,294 @@ export function webgpuFilterGrad(
     }) as tf.Tensor4D;
   });
 }
+
+/**
+ * The tiles of {@linkcode webgpuConv2d}: a workgroup computes `tm` output
+ * pixels x `tn` output channels, staging `tk` of the reduction axis per
+ * step; each invocation accumulates `rm` x `rn` outputs in registers. All
+ * multiples of 4; (tm / rm) (tn / rn) invocations per workgroup.
+ */
+export interface ConvTiles {
+  tm: number;
+  tn: number;
+  tk: number;
+  rm: number;
+  rn: number;
+}
+
+/** The tiles chosen when none are given. */
+export const DEFAULT_CONV_TILES: ConvTiles = {
+  tm: 64,
+  tn: 64,
+  tk: 16,
+  rm: 4,
+  rn: 4,
+};
+
+function checkTiles(t: ConvTiles): void {
+  const threads = (t.tm / t.rm) * (t.tn / t.rn);
+  const ok = [t.tm, t.tn, t.tk, t.rm, t.rn].every((v) =>
+    Number.isInteger(v) && v >= 4 && v % 4 === 0
+  ) && t.tm % t.rm === 0 && t.tn % t.rn === 0 && threads <= 256 &&
+    (t.tm * t.tk / 4) % threads === 0 && (t.tn * t.tk / 4) % threads === 0;
+  if (!ok) {
+    throw new RangeError(
+      `Cannot convolve on WebGPU: unusable tiles (got ${
+        JSON.stringify(t)
+      }, expected multiples of 4 with at most 256 invocations, each loading whole vec4s)`,
+    );
+  }
+}
+
+/**
+ * WGSL of the implicit-GEMM convolution: C[m, o] = sum_k A[m, k] B[k, o]
+ * with m = (n, y, x) an output pixel, k = (i, j, c) a kernel tap and input
+ * channel, A[m, k] = input[n, y s - padY + i, x s - padX + j, c] (zero
+ * outside) and B the kernel `[kh kw Cin, Cout]` as it lies in memory.
+ * Inputs, kernel, bias and output are bound as vec4 arrays (Cin and Cout
+ * are multiples of 4, so a vec4 of A never straddles two taps).
+ */
+function convSource(t: ConvTiles, bias: boolean): string {
+  const { tm, tn, tk, rm, rn } = t;
+  const gx = tn / rn; // invocations along the output channels
+  const gy = tm / rm; // invocations along the output pixels
+  const threads = gx * gy;
+  const kq = tk / 4; // vec4s of A per row of the tile
+  const aLoads = (tm * kq) / threads;
+  const bLoads = (tn * tk / 4) / threads;
+  const lines: string[] = [];
+  const acc = (r: number, p: number) => `acc_${r}_${p}`;
+  for (let r = 0; r < rm; r++) {
+    for (let p = 0; p < rn / 4; p++) {
+      lines.push(`var ${acc(r, p)} = vec4<f32>(0.0);`);
+    }
+  }
+  const decls = lines.join("\n    ");
+  const fmas: string[] = [];
+  for (let q = 0; q < rm / 4; q++) {
+    fmas.push(`let a${q} = tileA[kk * ${tm / 4} + ${q * gy} + ty];`);
+  }
+  for (let p = 0; p < rn / 4; p++) {
+    fmas.push(`let b${p} = tileB[kk * ${tn / 4} + ${p * gx} + tx];`);
+  }
+  for (let r = 0; r < rm; r++) {
+    const a = `a${Math.floor(r / 4)}[${r % 4}]`;
+    for (let p = 0; p < rn / 4; p++) {
+      fmas.push(
+        `${acc(r, p)} = fma(vec4<f32>(${a}), b${p}, ${acc(r, p)});`,
+      );
+    }
+  }
+  const stores: string[] = [];
+  for (let r = 0; r < rm; r++) {
+    const q = Math.floor(r / 4);
+    stores.push(
+      `{ let m = m0 + (${q * gy} + ty) * 4 + ${r % 4};
+      if (m < uniforms.mTotal) {`,
+    );
+    for (let p = 0; p < rn / 4; p++) {
+      stores.push(`  { let ov = o0v + ${p * gx} + tx;
+        if (ov < uniforms.coutV) {
+          setOutputAtIndex(m * uniforms.coutV + ov, ${acc(r, p)}${
+        bias ? " + bias[ov]" : ""
+      });
+        } }`);
+    }
+    stores.push(`} }`);
+  }
+  return `
+  var<workgroup> tileA : array<vec4<f32>, ${tk * tm / 4}>;
+  var<workgroup> tileB : array<vec4<f32>, ${tk * tn / 4}>;
+
+  fn main(index : i32) {
+    let t = i32(localIndex);
+    let tx = t % ${gx};
+    let ty = t / ${gx};
+    let o0v = i32(workgroupId.x) * ${tn / 4};
+    let m0 = i32(workgroupId.y) * ${tm};
+    let cinV = uniforms.cin / 4;
+
+    // The rows of A this invocation loads: output pixel (n, y, x) of each,
+    // as the top-left input pixel its kernel window starts at.
+    var rowBase : array<i32, ${aLoads}>;
+    var rowY : array<i32, ${aLoads}>;
+    var rowX : array<i32, ${aLoads}>;
+    // The vec4 of the K tile it loads in each row, as tap (i, j) and
+    // channel vec4 cv, advanced by one K tile per step.
+    var kI : array<i32, ${aLoads}>;
+    var kJ : array<i32, ${aLoads}>;
+    var kC : array<i32, ${aLoads}>;
+    let ohw = uniforms.oh * uniforms.ow;
+    for (var l = 0; l < ${aLoads}; l++) {
+      let e = t + l * ${threads};
+      let m = m0 + e / ${kq};
+      let kv = e % ${kq};
+      let n = m / ohw;
+      let rest = m - n * ohw;
+      let y = rest / uniforms.ow;
+      let x = rest - y * uniforms.ow;
+      rowY[l] = select(-1000000, y * uniforms.stride - uniforms.padY, m < uniforms.mTotal);
+      rowX[l] = x * uniforms.stride - uniforms.padX;
+      rowBase[l] = n * uniforms.h;
+      kC[l] = kv % cinV;
+      let ij = kv / cinV;
+      kJ[l] = ij % uniforms.kw;
+      kI[l] = ij / uniforms.kw;
+    }
+    let kTotalV = uniforms.kTotal / 4;
+
+    ${decls}
+    for (var k0 = 0; k0 < uniforms.kTotal; k0 += ${tk}) {
+      for (var l = 0; l < ${aLoads}; l++) {
+        let e = t + l * ${threads};
+        let mm = e / ${kq};
+        let kv = e % ${kq};
+        var v = vec4<f32>(0.0);
+        let iy = rowY[l] + kI[l];
+        let ix = rowX[l] + kJ[l];
+        if (k0 / 4 + kv < kTotalV && iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
+          v = xin[((rowBase[l] + iy) * uniforms.w + ix) * cinV + kC[l]];
+        }
+        let col = kv * 4;
+        tileA[col * ${tm / 4} + mm / 4][mm % 4] = v.x;
+        tileA[(col + 1) * ${tm / 4} + mm / 4][mm % 4] = v.y;
+        tileA[(col + 2) * ${tm / 4} + mm / 4][mm % 4] = v.z;
+        tileA[(col + 3) * ${tm / 4} + mm / 4][mm % 4] = v.w;
+        // Next K tile: ${kq} vec4s further along (c, then j, then i).
+        var c = kC[l] + ${kq};
+        var j = kJ[l];
+        var i = kI[l];
+        loop {
+          if (c < cinV) { break; }
+          c -= cinV;
+          j += 1;
+          if (j == uniforms.kw) { j = 0; i += 1; }
+        }
+        kC[l] = c;
+        kJ[l] = j;
+        kI[l] = i;
+      }
+      for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        let kr = e / ${tn / 4};
+        let ov = e % ${tn / 4};
+        var v = vec4<f32>(0.0);
+        if (k0 + kr < uniforms.kTotal && o0v + ov < uniforms.coutV) {
+          v = w[(k0 + kr) * uniforms.coutV + o0v + ov];
+        }
+        tileB[kr * ${tn / 4} + ov] = v;
+      }
+      workgroupBarrier();
+      for (var kk = 0; kk < ${tk}; kk++) {
+        ${fmas.join("\n        ")}
+      }
+      workgroupBarrier();
+    }
+    ${stores.join("\n    ")}
+  }`;
+}
+
+registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
+  const [n, h, w, cin] = inputs[0].shape;
+  const [kh, kw, , cout] = inputs[1].shape;
+  const oh = attrs.oh as number;
+  const ow = attrs.ow as number;
+  const tiles = attrs.tiles as ConvTiles;
+  const bias = inputs.length === 3;
+  const { tm, tn, tk, rm, rn } = tiles;
+  const m = n * oh * ow;
+  return {
+    program: {
+      variableNames: bias ? ["xin", "w", "bias"] : ["xin", "w"],
+      variableComponents: bias ? [4, 4, 4] : [4, 4],
+      outputComponent: 4,
+      shaderKey: `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}`,
+      uniforms:
+        "h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
+      outputShape: [n, oh, ow, cout],
+      dispatchLayout: { x: [0] },
+      dispatch: [Math.ceil(cout / tn), Math.ceil(m / tm), 1],
+      workgroupSize: [(tm / rm) * (tn / rn), 1, 1],
+      getUserCode: () => convSource(tiles, bias),
+    },
+    uniforms: [
+      h,
+      w,
+      cin,
+      oh,
+      ow,
+      cout / 4,
+      kw,
+      attrs.stride as number,
+      attrs.padY as number,
+      attrs.padX as number,
+      m,
+      kh * kw * cin,
+    ].map((v) => ({ type: "int32" as const, data: [v] })),
+  };
+});
+
+/** Options of {@linkcode webgpuConv2d}. */
+export interface WebGpuConvOptions {
+  /** Stride along both spatial axes. */
+  stride: number;
+  /** Zero rows above and columns left of the input (the rest follows from the output size). */
+  padY: number;
+  padX: number;
+  /** Output rows and columns. */
+  oh: number;
+  ow: number;
+  /** Optional `[Cout]` added to every output pixel. */
+  bias?: tf.Tensor;
+  /** Tiles; default {@linkcode DEFAULT_CONV_TILES}. */
+  tiles?: ConvTiles;
+}
+
+/**
+ * Whether {@linkcode webgpuConv2d} takes a convolution with these channel
+ * counts: on the WebGPU backend, with Cin and Cout multiples of 4.
+ *
+ * @param cin Input channels.
+ * @param cout Output channels.
+ * @returns True when it applies.
+ */
+export function webgpuConvApplies(cin: number, cout: number): boolean {
+  return tf.getBackend() === "webgpu" && cin % 4 === 0 && cout % 4 === 0;
+}
+
+/**
+ * A 2-D convolution (cross-correlation, NHWC) on WebGPU as an implicit
+ * GEMM of ours: the input patches are gathered into workgroup memory tile
+ * by tile, never materialised. tfjs's own (`Conv2DMMProgram`) runs small
+ * 32 x 32 tiles; this runs larger ones with vec4 loads throughout.
+ *
+ * @param x Input `[N, H, W, Cin]`, Cin a multiple of 4.
+ * @param w Kernel `[kh, kw, Cin, Cout]`, Cout a multiple of 4.
+ * @param options Stride, top and left padding, output size, bias, tiles.
+ * @returns `[N, oh, ow, Cout]`.
+ */
+export function webgpuConv2d(
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  options: WebGpuConvOptions,
+): tf.Tensor4D {
+  const [, , , cin] = x.shape;
+  const [, , wc, cout] = w.shape;
+  if (!webgpuConvApplies(cin, cout) || wc !== cin) {
+    throw new RangeError(
+      `Cannot convolve on WebGPU: unsupported backend or channels (got backend ${tf.getBackend()}, input channels ${cin}, kernel [${w.shape}], expected webgpu and matching channel counts that are multiples of 4)`,
+    );
+  }
+  const tiles = options.tiles ?? DEFAULT_CONV_TILES;
+  checkTiles(tiles);
+  const inputs: tf.NamedTensorMap = { x, w };
+  if (options.bias !== undefined) inputs.bias = options.bias;
+  return tf.engine().runKernel("DdpmConv2D", inputs, {
+    stride: options.stride,
+    padY: options.padY,
+    padX: options.padX,
+    oh: options.oh,
+    ow: options.ow,
+    tiles: tiles as unknown as tf.NamedAttrMap[string],
+  }) as tf.Tensor4D;
+}

@@ -1,13 +1,19 @@
 /**
- * The WebGPU weight gradient (core/_webgpu_conv.ts, a split-K GEMM) against
- * a float64 loop of the definition and against the existing path on the cpu
+ * The WebGPU convolution programs of core/_webgpu_conv.ts against float64
+ * loops of the definitions: the implicit-GEMM convolution (forward, and the
+ * input gradient it computes at stride 1), and the weight gradient (a
+ * split-K GEMM), the latter also against the existing path on the cpu
  * backend (tfjs's conv2d over the batch axis). Skipped where no WebGPU
  * adapter exists; runs on Mesa's llvmpipe here.
  */
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
-import { webgpuFilterGrad } from "../core/_webgpu_conv.ts";
+import {
+  type ConvTiles,
+  webgpuConv2d,
+  webgpuFilterGrad,
+} from "../core/_webgpu_conv.ts";
 import { randoms, relErr } from "./_util.ts";
 
 type Shape4 = [number, number, number, number];
@@ -343,6 +349,228 @@ Deno.test("webgpuFilterGrad takes one dispatch when K fits one chunk, two when s
       "DdpmSplitKSum",
     ]);
     tf.dispose([x, dy]);
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+/**
+ * conv2d(x, w) + bias by the definition in float64, with `padY` rows above
+ * and `padX` columns left of the input and an `oh` x `ow` output.
+ */
+function naiveConv(
+  x: Float32Array,
+  xs: Shape4,
+  w: Float32Array,
+  ws: Shape4,
+  stride: number,
+  padY: number,
+  padX: number,
+  oh: number,
+  ow: number,
+  bias?: Float32Array,
+): Float64Array {
+  const [n, h, wd, cin] = xs;
+  const [kh, kw, , cout] = ws;
+  const ys: Shape4 = [n, oh, ow, cout];
+  const y = new Float64Array(size(ys));
+  for (let b = 0; b < n; b++) {
+    for (let oy = 0; oy < oh; oy++) {
+      for (let ox = 0; ox < ow; ox++) {
+        for (let o = 0; o < cout; o++) {
+          let acc = bias?.[o] ?? 0;
+          for (let i = 0; i < kh; i++) {
+            const iy = oy * stride + i - padY;
+            if (iy < 0 || iy >= h) continue;
+            for (let j = 0; j < kw; j++) {
+              const ix = ox * stride + j - padX;
+              if (ix < 0 || ix >= wd) continue;
+              for (let c = 0; c < cin; c++) {
+                acc += x[at4(xs, b, iy, ix, c)] * w[at4(ws, i, j, c, o)];
+              }
+            }
+          }
+          y[at4(ys, b, oy, ox, o)] = acc;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+interface ConvCase {
+  name: string;
+  x: Shape4;
+  w: Shape4;
+  stride: number;
+  padY: number;
+  padX: number;
+  out: [number, number];
+  bias: boolean;
+}
+
+const CONV_CASES: ConvCase[] = [
+  // M = 2 * 8 * 8 = 128 rows, Cout = 12: one ragged column tile.
+  {
+    name: "3x3 s1, bias",
+    x: [2, 8, 8, 8],
+    w: [3, 3, 8, 12],
+    stride: 1,
+    padY: 1,
+    padX: 1,
+    out: [8, 8],
+    bias: true,
+  },
+  // M = 3 * 4 * 3 = 36 (ragged rows); Cout = 68 spans two 64-wide tiles.
+  {
+    name: "3x3 s2",
+    x: [3, 7, 5, 4],
+    w: [3, 3, 4, 68],
+    stride: 2,
+    padY: 1,
+    padX: 1,
+    out: [4, 3],
+    bias: false,
+  },
+  // K = 20: the last K tile is partly past the end.
+  {
+    name: "1x1",
+    x: [2, 5, 6, 20],
+    w: [1, 1, 20, 8],
+    stride: 1,
+    padY: 0,
+    padX: 0,
+    out: [5, 6],
+    bias: true,
+  },
+  // Padding of 2 above and 0 left, the output cut short of the full size.
+  {
+    name: "4x4 asymmetric padding",
+    x: [1, 9, 9, 16],
+    w: [4, 4, 16, 16],
+    stride: 1,
+    padY: 2,
+    padX: 0,
+    out: [7, 5],
+    bias: false,
+  },
+];
+
+const CONV_TILES: (ConvTiles | undefined)[] = [
+  undefined,
+  { tm: 32, tn: 32, tk: 8, rm: 4, rn: 4 },
+  { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4 },
+  { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 },
+];
+
+Deno.test("webgpuConv2d matches the definition for every tiling: stride, padding, ragged tiles, bias", async () => {
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") return;
+  try {
+    const before = tf.memory().numTensors;
+    for (const [ci, c] of CONV_CASES.entries()) {
+      const x = randoms(size(c.x), 900 + ci);
+      const w = randoms(size(c.w), 950 + ci);
+      const b = randoms(c.w[3], 990 + ci);
+      const want = naiveConv(
+        x,
+        c.x,
+        w,
+        c.w,
+        c.stride,
+        c.padY,
+        c.padX,
+        ...c.out,
+        c.bias ? b : undefined,
+      );
+      const xt = tf.tensor4d(x, c.x);
+      const wt = tf.tensor4d(w, c.w);
+      const bt = tf.tensor1d(b);
+      for (const tiles of CONV_TILES) {
+        const y = webgpuConv2d(xt, wt, {
+          stride: c.stride,
+          padY: c.padY,
+          padX: c.padX,
+          oh: c.out[0],
+          ow: c.out[1],
+          bias: c.bias ? bt : undefined,
+          tiles,
+        });
+        assert.deepEqual(y.shape, [c.x[0], ...c.out, c.w[3]]);
+        const err = relErr(await y.data() as Float32Array, want);
+        assert.ok(
+          err < 1e-5,
+          `${c.name}, tiles ${JSON.stringify(tiles)}: ${err}`,
+        );
+        y.dispose();
+      }
+      tf.dispose([xt, wt, bt]);
+    }
+    assert.equal(tf.memory().numTensors, before);
+    const x = tf.zeros([1, 4, 4, 3]) as tf.Tensor4D;
+    const w = tf.zeros([3, 3, 3, 4]) as tf.Tensor4D;
+    assert.throws(
+      () => webgpuConv2d(x, w, { stride: 1, padY: 1, padX: 1, oh: 4, ow: 4 }),
+      /input channels 3/,
+    );
+    tf.dispose([x, w]);
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+Deno.test("conv2d on webgpu runs the implicit-GEMM program forward and for the stride-1 input gradient, which match the definition", async () => {
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") return;
+  try {
+    for (const [i, stride] of [1, 2].entries()) {
+      const xs: Shape4 = [2, 6, 6, 8];
+      const ws: Shape4 = [3, 3, 8, 12];
+      const oh = outSize(6, 3, stride, 1);
+      const rs: Shape4 = [2, oh, oh, 12];
+      const x = randoms(size(xs), 300 + i);
+      const w = randoms(size(ws), 310 + i);
+      const r = randoms(size(rs), 320 + i);
+      const xt = tf.tensor4d(x, xs);
+      const wt = tf.tensor4d(w, ws);
+      const rt = tf.tensor4d(r, rs);
+      const f = (a: tf.Tensor) =>
+        tf.sum(tf.mul(conv2d(a as tf.Tensor4D, wt, stride, 1), rt));
+      const profile = await tf.profile(() => tf.grad(f)(xt));
+      const names = profile.kernels.map((k) => k.name);
+      // Forward, and at stride 1 the input gradient too.
+      assert.equal(
+        names.filter((n) => n === "DdpmConv2D").length,
+        stride === 1 ? 2 : 1,
+        names.join(", "),
+      );
+      const dx = await (profile.result as tf.Tensor).data() as Float32Array;
+      // dx[n, iy, ix, c] = sum r[n, y, x, o] w[i, j, c, o] over the
+      // (y, x, i, j) with y s + i - 1 = iy and x s + j - 1 = ix.
+      const want = new Float64Array(size(xs));
+      for (let b = 0; b < 2; b++) {
+        for (let y = 0; y < oh; y++) {
+          for (let xo = 0; xo < oh; xo++) {
+            for (let ki = 0; ki < 3; ki++) {
+              const iy = y * stride + ki - 1;
+              if (iy < 0 || iy >= 6) continue;
+              for (let kj = 0; kj < 3; kj++) {
+                const ix = xo * stride + kj - 1;
+                if (ix < 0 || ix >= 6) continue;
+                for (let c = 0; c < 8; c++) {
+                  for (let o = 0; o < 12; o++) {
+                    want[at4(xs, b, iy, ix, c)] += r[at4(rs, b, y, xo, o)] *
+                      w[at4(ws, ki, kj, c, o)];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      assert.ok(relErr(dx, want) < 1e-5, `dx at stride ${stride}`);
+      tf.dispose([xt, wt, rt, profile.result as tf.Tensor]);
+    }
   } finally {
     await initBackend("cpu");
   }
