@@ -1,15 +1,17 @@
 #!/bin/sh
 # The performance comparison on a machine with an NVIDIA GPU, in order of
 # value (a run cut short keeps what it did):
+#   0. with DDPM_GPU_SWEEP=1, a tile sweep of the WebGPU convolution
+#      (tests/tools/conv_sweep.ts);
 #   1. with DDPM_GPU_PROFILE=1, a per-kernel and per-API-call profile of the
 #      WebGPU forward pass and training step (tests/tools/gpu_profile.ts), base 64;
 #   2. the reference PyTorch script (tests/reference/bench_reference.py,
 #      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
-#      images), then base 32;
+#      images), then base 32 (DDPM_GPU_BASES sets the list);
 #   3. with DDPM_GPU_V8=1, a V8 sampling profile of forward passes
 #      (v8.log.xz; read it with `node --prof-process`);
-#   4. the command line's main job on the GPU: a short training run on
+#   4. (skipped with DDPM_GPU_CLI=0) the command line's main job on the GPU: a short training run on
 #      mnist-lite (DDPM_GPU_TRAIN_MIN minutes, 1.5 by default) and DDIM
 #      sampling from its checkpoint;
 #   5. 256 images by 50 DDIM steps from that checkpoint, replayed and through
@@ -57,7 +59,13 @@ timeout 150 "$deno" run -A out/gpu/gpu_profile.js --base 64 \
 grep -v "^ .*x  [A-Za-z0-9]* \[" "$out/profile.txt"
 fi
 
-for base in 64 32; do
+if [ -n "${DDPM_GPU_SWEEP:-}" ]; then
+echo "== 0. convolution tile sweep, base 64, batch 64"
+timeout 120 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch 64 \
+  --json "$out/sweep64.json" 2>&1 | tee "$out/sweep64.txt" || echo "sweep failed"
+fi
+
+for base in ${DDPM_GPU_BASES:-64 32}; do
   echo "== 2. base $base: PyTorch"
   timeout 90 python3 tests/reference/bench_reference.py --base "$base" \
     --forward-batch 16 --train-batch 64 --sample-batch 8 --sample-steps 10 \
@@ -81,6 +89,7 @@ echo "== 3. V8 profile of forward passes"
   xz -T0 -3 -c v8.log > "$out/v8.log.xz") || echo "V8 profile failed"
 fi
 
+if [ "${DDPM_GPU_CLI:-1}" != 0 ]; then
 echo "== 4. main job: train ${DDPM_GPU_TRAIN_MIN:-1.5} min on mnist-lite, then sample"
 run="$bin/run"
 timeout 150 "$deno" run -A "$bin/cli.js" train --dataset mnist-lite \
@@ -96,6 +105,7 @@ for mode in 1 0; do
 done
 cmp "$bin/replay1.npy" "$bin/replay0.npy" && echo "replayed and tfjs images identical"
 cp "$run/metrics.jsonl" "$out/main_job_metrics.jsonl" 2>/dev/null
+fi
 # A device call returns at most 8 files: everything also goes in one archive.
 (cd "$out" && tar czf "$bin/results.tgz" . && mv "$bin/results.tgz" . &&
   rm -f deno*.json gpu.txt)

@@ -58,6 +58,8 @@ export interface Variant {
   parts: ("forward" | "train" | "sample")[];
   /** Forward passes and sampling through {@linkcode replayOnWebGpu}. */
   replay?: boolean;
+  /** Environment variables of the variant's process (e.g. DDPM_WEBGPU_CONV). */
+  env?: Record<string, string>;
 }
 
 /** What a variant measured (seconds are medians). */
@@ -422,13 +424,22 @@ async function main(args: string[]): Promise<number> {
     } else if (b === "cpu" || b === "webgpu") {
       variants.push({
         ...common,
-        label: b === "webgpu" ? "webgpu, through tfjs" : b,
+        label: b,
         backend: b,
         threads: 1,
         workers: 1,
         parts: all,
       });
       if (b === "webgpu") {
+        variants.push({
+          ...common,
+          label: "webgpu, tfjs's convolutions",
+          backend: b,
+          threads: 1,
+          workers: 1,
+          parts: all,
+          env: { DDPM_WEBGPU_CONV: "tfjs" },
+        });
         variants.push({
           ...common,
           label: "webgpu, replayed (sampling)",
@@ -450,6 +461,7 @@ async function main(args: string[]): Promise<number> {
     console.error(`measuring ${v.label} ...`);
     const out = await new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", self, "--one", JSON.stringify(v)],
+      env: v.env ?? {},
       stdout: "piped",
       stderr: "inherit",
     }).output();

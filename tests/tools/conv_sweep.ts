@@ -1,0 +1,161 @@
+/**
+ * Tile sweep of the implicit-GEMM WebGPU convolution (core/_webgpu_conv.ts)
+ * against tfjs's own, at the convolutions of the UNet's training step
+ * (base 64, batch 64 by default: the forward convolutions and the stride-1
+ * input gradients). For each shape it prints tfjs's TFLOP/s and ours per
+ * tiling, checks ours against tfjs's output, and ends with the geometric
+ * mean of each tiling over the shapes.
+ *
+ * ```sh
+ * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 20] [--json out.json]
+ * ```
+ *
+ * Timing: `--reps` dispatches back to back, one read back at the end, after
+ * one warm-up call (which compiles the shader). Needs a WebGPU adapter; on
+ * llvmpipe use a small batch.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { initBackend, tf } from "../../core/backend.ts";
+import { type ConvTiles, webgpuConv2d } from "../../core/_webgpu_conv.ts";
+
+const TILINGS: ConvTiles[] = [
+  { tm: 64, tn: 64, tk: 16, rm: 4, rn: 4 },
+  { tm: 64, tn: 64, tk: 32, rm: 4, rn: 4 },
+  { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4 },
+  { tm: 128, tn: 64, tk: 32, rm: 8, rn: 4 },
+  { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 },
+  { tm: 128, tn: 128, tk: 8, rm: 8, rn: 8 },
+  { tm: 128, tn: 128, tk: 16, rm: 8, rn: 8 },
+  { tm: 32, tn: 64, tk: 16, rm: 4, rn: 4 },
+  { tm: 64, tn: 32, tk: 16, rm: 4, rn: 4 },
+  { tm: 128, tn: 32, tk: 16, rm: 8, rn: 4 },
+  { tm: 256, tn: 64, tk: 16, rm: 16, rn: 4 },
+  { tm: 64, tn: 64, tk: 16, rm: 8, rn: 8 },
+];
+
+interface Shape {
+  what: string;
+  hw: number;
+  cin: number;
+  cout: number;
+  k: number;
+  stride: number;
+}
+
+function shapes(base: number): Shape[] {
+  const b = base;
+  return [
+    { what: "down1 conv", hw: 32, cin: b, cout: b, k: 3, stride: 1 },
+    { what: "up1 conv1", hw: 32, cin: 3 * b, cout: b, k: 3, stride: 1 },
+    { what: "up1 conv1 dx", hw: 32, cin: b, cout: 3 * b, k: 3, stride: 1 },
+    { what: "up1 skip", hw: 32, cin: 3 * b, cout: b, k: 1, stride: 1 },
+    { what: "ds1", hw: 32, cin: b, cout: b, k: 3, stride: 2 },
+    { what: "down2 conv1", hw: 16, cin: b, cout: 2 * b, k: 3, stride: 1 },
+    { what: "down2 conv2", hw: 16, cin: 2 * b, cout: 2 * b, k: 3, stride: 1 },
+    { what: "up2 conv1", hw: 16, cin: 6 * b, cout: 2 * b, k: 3, stride: 1 },
+    { what: "up2 conv1 dx", hw: 16, cin: 2 * b, cout: 6 * b, k: 3, stride: 1 },
+    { what: "mid1 conv1", hw: 8, cin: 2 * b, cout: 4 * b, k: 3, stride: 1 },
+    { what: "mid conv2", hw: 8, cin: 4 * b, cout: 4 * b, k: 3, stride: 1 },
+  ];
+}
+
+async function timeIt(f: () => tf.Tensor, reps: number): Promise<number> {
+  const warm = f();
+  await warm.data();
+  warm.dispose();
+  const t0 = performance.now();
+  let last: tf.Tensor | null = null;
+  for (let i = 0; i < reps; i++) {
+    last?.dispose();
+    last = f();
+  }
+  await last!.data();
+  const dt = (performance.now() - t0) / 1000 / reps;
+  last!.dispose();
+  return dt;
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      batch: { type: "string", default: "64" },
+      base: { type: "string", default: "64" },
+      reps: { type: "string", default: "20" },
+      json: { type: "string" },
+    },
+  });
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") {
+    console.error(`conv_sweep: no WebGPU backend (${got.reason})`);
+    return 1;
+  }
+  console.log(`adapter: ${got.adapter}`);
+  const n = Number(values.batch);
+  const reps = Number(values.reps);
+  const rows: Record<string, unknown>[] = [];
+  const logSum = new Array(TILINGS.length).fill(0);
+  for (const s of shapes(Number(values.base))) {
+    const pad = s.k === 1 ? 0 : 1;
+    const oh = Math.floor((s.hw + 2 * pad - s.k) / s.stride) + 1;
+    const flops = 2 * n * oh * oh * s.cout * s.k * s.k * s.cin;
+    const x = tf.randomNormal([n, s.hw, s.hw, s.cin], 0, 1, "float32", 1);
+    const w = tf.randomNormal([s.k, s.k, s.cin, s.cout], 0, 0.1, "float32", 2);
+    const padding: [[number, number], [number, number], [number, number], [
+      number,
+      number,
+    ]] = [[0, 0], [pad, pad], [pad, pad], [0, 0]];
+    const tfjs = () =>
+      tf.conv2d(x as tf.Tensor4D, w as tf.Tensor4D, s.stride, padding);
+    const ref = tfjs();
+    const tTfjs = await timeIt(tfjs, reps);
+    const per: number[] = [];
+    let worst = 0;
+    for (const tiles of TILINGS) {
+      const ours = () =>
+        webgpuConv2d(x as tf.Tensor4D, w as tf.Tensor4D, {
+          stride: s.stride,
+          padY: pad,
+          padX: pad,
+          oh,
+          ow: oh,
+          tiles,
+        });
+      const y = ours();
+      const err = (await tf.max(tf.abs(tf.sub(y, ref))).data())[0] /
+        (await tf.max(tf.abs(ref)).data())[0];
+      worst = Math.max(worst, err);
+      y.dispose();
+      per.push(await timeIt(ours, reps));
+    }
+    tf.dispose([x, w, ref]);
+    const tf_ = (t: number) => (flops / t / 1e12).toFixed(2);
+    const best = per.indexOf(Math.min(...per));
+    per.forEach((t, i) => logSum[i] += Math.log(tTfjs / t));
+    console.log(
+      `${s.what.padEnd(14)} ${s.hw}x${s.hw} ${s.cin}->${s.cout} k${s.k} s${s.stride}: tfjs ${
+        tf_(tTfjs)
+      } TFLOP/s; ours ${per.map(tf_).join(" ")}; best ${
+        JSON.stringify(TILINGS[best])
+      } ${(tTfjs / per[best]).toFixed(2)}x; max rel err ${worst.toExponential(1)}`,
+    );
+    rows.push({ ...s, n, flops, tfjs: tTfjs, ours: per, worst });
+  }
+  console.log("geometric-mean speed-up over tfjs per tiling:");
+  TILINGS.forEach((t, i) =>
+    console.log(
+      `  ${JSON.stringify(t)}: ${Math.exp(logSum[i] / rows.length).toFixed(2)}x`,
+    )
+  );
+  if (values.json) {
+    await Deno.writeTextFile(
+      values.json,
+      JSON.stringify({ adapter: got.adapter, tilings: TILINGS, rows }, null, 1),
+    );
+  }
+  return 0;
+}
+
+if (import.meta.main) Deno.exitCode = await main();
