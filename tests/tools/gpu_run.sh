@@ -74,7 +74,7 @@ for base in ${DDPM_GPU_BASES:-64 32}; do
   torch_arg=""
   [ -f "$out/torch$base.json" ] && torch_arg="--torch $out/torch$base.json"
   # shellcheck disable=SC2086
-  timeout 150 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
+  timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base "$base" --forward-batch 16 --train-batch 64 --sample-batch 8 \
     --sample-steps 10 --reps 5 $torch_arg --json "$out/deno$base.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
