@@ -8,7 +8,7 @@
 #   2. the reference PyTorch script (tests/reference/bench_reference.py,
 #      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
-#      images), then base 32 (DDPM_GPU_BASES sets the list);
+#      images), then base 32 (DDPM_GPU_BASES sets the list, "" for none);
 #   3. with DDPM_GPU_V8=1, a V8 sampling profile of forward passes
 #      (v8.log.xz; read it with `node --prof-process`);
 #   4. (skipped with DDPM_GPU_CLI=0) the command line's main job on the GPU: a short training run on
@@ -65,7 +65,7 @@ timeout 120 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch 64 \
   --json "$out/sweep64.json" 2>&1 | tee "$out/sweep64.txt" || echo "sweep failed"
 fi
 
-for base in ${DDPM_GPU_BASES:-64 32}; do
+for base in ${DDPM_GPU_BASES-64 32}; do
   echo "== 2. base $base: PyTorch"
   timeout 90 python3 tests/reference/bench_reference.py --base "$base" \
     --forward-batch 16 --train-batch 64 --sample-batch 8 --sample-steps 10 \
