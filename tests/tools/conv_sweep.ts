@@ -7,12 +7,12 @@
  * mean of each tiling over the shapes.
  *
  * ```sh
- * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 40] [--json out.json]
+ * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 9] [--tilings N] [--json out.json]
  * ```
  *
- * Timing: after a warm-up call (which compiles the shader), `--reps` and
- * then 2 `--reps` calls back to back, each loop ending with one read back;
- * the difference of the two, over `--reps`, is the time per call. Needs a WebGPU adapter; on
+ * Timing: after a warm-up call (which compiles the shader), the median GPU
+ * time of `--reps` calls as `tf.profile` reads it from timestamp queries
+ * (the adapter must offer `timestamp-query`). Needs a WebGPU adapter; on
  * llvmpipe use a small batch.
  *
  * @module
@@ -62,29 +62,31 @@ function shapes(base: number): Shape[] {
   ];
 }
 
-/** Seconds for `reps` calls back to back and one read back. */
-async function loop(f: () => tf.Tensor, reps: number): Promise<number> {
-  const t0 = performance.now();
-  let last: tf.Tensor | null = null;
-  for (let i = 0; i < reps; i++) {
-    last?.dispose();
-    last = f();
-  }
-  await last!.data();
-  last!.dispose();
-  return (performance.now() - t0) / 1000;
-}
-
 /**
- * Seconds per call: the difference between 2 reps and reps calls, over
- * reps, so that the read back's fixed cost (Deno polls a mapping every
- * few ms) cancels.
+ * Seconds per call on the GPU: the median of the kernel times that
+ * `tf.profile` reads from timestamp queries over `reps` calls, after a
+ * warm-up call.
  */
 async function timeIt(f: () => tf.Tensor, reps: number): Promise<number> {
-  await loop(f, 1);
-  const one = await loop(f, reps);
-  const two = await loop(f, 2 * reps);
-  return Math.max(two - one, 1e-9) / reps;
+  const warm = f();
+  await warm.data();
+  warm.dispose();
+  const info = await tf.profile(() => {
+    for (let i = 0; i < reps; i++) f().dispose();
+    return tf.scalar(0);
+  });
+  const ms: number[] = [];
+  for (const k of info.kernels) {
+    const t = await k.kernelTimeMs;
+    if (typeof t === "number") ms.push(t);
+  }
+  if (ms.length < reps) {
+    throw new Error(
+      `conv_sweep: the adapter gave no kernel times (got ${ms.length} for ${reps} calls, expected timestamp-query)`,
+    );
+  }
+  ms.sort((a, b) => a - b);
+  return ms[ms.length >> 1] / 1000;
 }
 
 async function main(): Promise<number> {
@@ -93,8 +95,9 @@ async function main(): Promise<number> {
     options: {
       batch: { type: "string", default: "64" },
       base: { type: "string", default: "64" },
-      reps: { type: "string", default: "40" },
+      reps: { type: "string", default: "9" },
       json: { type: "string" },
+      tilings: { type: "string" },
     },
   });
   const got = await initBackend("webgpu");
@@ -103,10 +106,11 @@ async function main(): Promise<number> {
     return 1;
   }
   console.log(`adapter: ${got.adapter}`);
+  const tilings = TILINGS.slice(0, Number(values.tilings ?? TILINGS.length));
   const n = Number(values.batch);
   const reps = Number(values.reps);
   const rows: Record<string, unknown>[] = [];
-  const logSum = new Array(TILINGS.length).fill(0);
+  const logSum = new Array(tilings.length).fill(0);
   for (const s of shapes(Number(values.base))) {
     const pad = s.k === 1 ? 0 : 1;
     const oh = Math.floor((s.hw + 2 * pad - s.k) / s.stride) + 1;
@@ -123,7 +127,7 @@ async function main(): Promise<number> {
     const tTfjs = await timeIt(tfjs, reps);
     const per: number[] = [];
     let worst = 0;
-    for (const tiles of TILINGS) {
+    for (const tiles of tilings) {
       const ours = () =>
         webgpuConv2d(x as tf.Tensor4D, w as tf.Tensor4D, {
           stride: s.stride,
@@ -148,13 +152,13 @@ async function main(): Promise<number> {
       `${s.what.padEnd(14)} ${s.hw}x${s.hw} ${s.cin}->${s.cout} k${s.k} s${s.stride}: tfjs ${
         tf_(tTfjs)
       } TFLOP/s; ours ${per.map(tf_).join(" ")}; best ${
-        JSON.stringify(TILINGS[best])
+        JSON.stringify(tilings[best])
       } ${(tTfjs / per[best]).toFixed(2)}x; max rel err ${worst.toExponential(1)}`,
     );
     rows.push({ ...s, n, flops, tfjs: tTfjs, ours: per, worst });
   }
   console.log("geometric-mean speed-up over tfjs per tiling:");
-  TILINGS.forEach((t, i) =>
+  tilings.forEach((t, i) =>
     console.log(
       `  ${JSON.stringify(t)}: ${Math.exp(logSum[i] / rows.length).toFixed(2)}x`,
     )
@@ -162,7 +166,7 @@ async function main(): Promise<number> {
   if (values.json) {
     await Deno.writeTextFile(
       values.json,
-      JSON.stringify({ adapter: got.adapter, tilings: TILINGS, rows }, null, 1),
+      JSON.stringify({ adapter: got.adapter, tilings, rows }, null, 1),
     );
   }
   return 0;

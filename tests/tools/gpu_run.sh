@@ -54,15 +54,18 @@ cat "$out/gpu.txt"
 if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
 echo "== 1. WebGPU profile, base 64"
 timeout 150 "$deno" run -A out/gpu/gpu_profile.js --base 64 \
-  --forward-batch 16 --train-batch 64 --reps 5 --batches 15 \
+  --forward-batch 16 --train-batch 64 --reps 5 \
+  --batches "${DDPM_GPU_SUBMIT_BATCHES:-15}" \
   --json "$out/profile.json" > "$out/profile.txt" 2>&1 || echo "profile failed"
 grep -v "^ .*x  [A-Za-z0-9]* \[" "$out/profile.txt"
 fi
 
 if [ -n "${DDPM_GPU_SWEEP:-}" ]; then
-echo "== 0. convolution tile sweep, base 64, batch 64"
-timeout 120 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch 64 \
-  --json "$out/sweep64.json" 2>&1 | tee "$out/sweep64.txt" || echo "sweep failed"
+for batch in 64 8; do
+  echo "== 0. convolution tile sweep, base 64, batch $batch"
+  timeout 120 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch "$batch" \
+    --json "$out/sweep$batch.json" 2>&1 | tee "$out/sweep$batch.txt" || echo "sweep failed"
+done
 fi
 
 for base in ${DDPM_GPU_BASES-64 32}; do
