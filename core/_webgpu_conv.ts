@@ -365,9 +365,10 @@ export const DEFAULT_CONV_TILES: ConvTiles = {
 
 function checkTiles(t: ConvTiles): void {
   const threads = (t.tm / t.rm) * (t.tn / t.rn);
-  const ok = [t.tm, t.tn, t.tk, t.rm, t.rn].every((v) =>
-    Number.isInteger(v) && v >= 4 && v % 4 === 0
-  ) && t.tm % t.rm === 0 && t.tn % t.rn === 0 && threads <= 256 &&
+  const ok =
+    [t.tm, t.tn, t.tk, t.rm, t.rn].every((v) =>
+      Number.isInteger(v) && v >= 4 && v % 4 === 0
+    ) && t.tm % t.rm === 0 && t.tn % t.rn === 0 && threads <= 256 &&
     (t.tm * t.tk / 4) % threads === 0 && (t.tn * t.tk / 4) % threads === 0;
   if (!ok) {
     throw new RangeError(

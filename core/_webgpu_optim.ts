@@ -47,6 +47,32 @@ const GROUP_SUM = `
   }
 `;
 
+/**
+ * WGSL: leave the output element at `unchanged` when the step's gate (see
+ * {@linkcode finiteGate}) is closed.
+ */
+const GATE_CHECK = (unchanged: string) =>
+  `if (gate[0] == 0.0) { setOutputAtIndex(index, ${unchanged}); return; }`;
+
+registerProgramKernel("DdpmFiniteGate", () => ({
+  program: {
+    variableNames: ["stats", "prev"],
+    shaderKey: "ddpmFiniteGate",
+    size: true,
+    ...flatFrame([1]),
+    getUserCode: () => `
+  fn finite(x : f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+  }
+  fn main(index : i32) {
+    if (index < uniforms.size) {
+      let open = prev[0] != 0.0 && finite(stats[0]) && finite(stats[1]);
+      setOutputAtIndex(index, select(0.0, 1.0, open));
+    }
+  }`,
+  },
+}));
+
 /** WGSL: the clip coefficient of core/train.ts's clipGradNorm, from `norm[0]`. */
 const CLIP_COEF = `min(uniforms.maxNorm / (norm[0] + 1e-6), 1.0)`;
 
@@ -118,12 +144,18 @@ registerProgramKernel("DdpmClipScale", (inputs, attrs) => ({
 }));
 
 registerProgramKernel("DdpmAdamWMoments", (inputs, attrs) => {
-  const clip = inputs.length === 3;
+  const clip = attrs.clip === 1;
+  const gated = attrs.gated === 1;
   return {
     program: {
       // Every declared input must be read: WebGPU drops unread bindings.
-      variableNames: clip ? ["g", "mv", "norm"] : ["g", "mv"],
-      shaderKey: `ddpmAdamWMoments${clip ? "Clip" : ""}`,
+      variableNames: [
+        "g",
+        "mv",
+        ...(clip ? ["norm"] : []),
+        ...(gated ? ["gate"] : []),
+      ],
+      shaderKey: `ddpmAdamWMoments${clip ? "Clip" : ""}${gated ? "Gated" : ""}`,
       size: true,
       uniforms:
         "total : i32, oneMinusBeta1 : f32, beta2 : f32, oneMinusBeta2 : f32," +
@@ -132,6 +164,7 @@ registerProgramKernel("DdpmAdamWMoments", (inputs, attrs) => {
       getUserCode: () => `
   fn main(index : i32) {
     if (index < uniforms.size) {
+      ${gated ? GATE_CHECK("mv[index]") : ""}
       let n = uniforms.total;
       let coef = ${clip ? CLIP_COEF : "1.0"};
       if (index < n) {
@@ -160,8 +193,8 @@ registerProgramKernel("DdpmAdamWMoments", (inputs, attrs) => {
 
 registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
   program: {
-    variableNames: ["p", "mv"],
-    shaderKey: "ddpmAdamWParam",
+    variableNames: attrs.gated === 1 ? ["p", "mv", "gate"] : ["p", "mv"],
+    shaderKey: `ddpmAdamWParam${attrs.gated === 1 ? "Gated" : ""}`,
     size: true,
     uniforms:
       "start : i32, total : i32, decay : f32, biasCorrection2Sqrt : f32, eps : f32, stepSize : f32,",
@@ -169,6 +202,7 @@ registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
     getUserCode: () => `
   fn main(index : i32) {
     if (index < uniforms.size) {
+      ${attrs.gated === 1 ? GATE_CHECK("p[index]") : ""}
       let m = mv[uniforms.start + index];
       let v = mv[uniforms.total + uniforms.start + index];
       let denom = sqrt(v) / uniforms.biasCorrection2Sqrt + uniforms.eps;
@@ -189,8 +223,8 @@ registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
 
 registerProgramKernel("DdpmEma", (inputs, attrs) => ({
   program: {
-    variableNames: ["e", "p"],
-    shaderKey: "ddpmEma",
+    variableNames: attrs.gated === 1 ? ["e", "p", "gate"] : ["e", "p"],
+    shaderKey: `ddpmEma${attrs.gated === 1 ? "Gated" : ""}`,
     size: true,
     uniforms: "oneMinusDecay : f32,",
     ...flatFrame(inputs[0].shape),
@@ -198,6 +232,7 @@ registerProgramKernel("DdpmEma", (inputs, attrs) => ({
   fn main(index : i32) {
     if (index < uniforms.size) {
       let ei = e[index];
+      ${attrs.gated === 1 ? GATE_CHECK("ei") : ""}
       setOutputAtIndex(index, ei - (ei - p[index]) * uniforms.oneMinusDecay);
     }
   }`,
@@ -307,6 +342,7 @@ export interface FlatClip {
  * @param mv The packed moments, 2N elements.
  * @param betas beta1 and beta2 of AdamW.
  * @param clip The clipping, or null.
+ * @param gate Optional {@linkcode finiteGate}: where it is 0, `mv` unchanged.
  * @returns The new packed moments, a new tensor shaped as `mv`.
  */
 export function adamwMoments(
@@ -314,18 +350,20 @@ export function adamwMoments(
   mv: tf.Tensor,
   betas: { beta1: number; beta2: number },
   clip: FlatClip | null,
+  gate?: tf.Tensor,
 ): tf.Tensor {
-  const attrs = {
+  const clipping = clip !== null && Number.isFinite(clip.maxNorm);
+  const inputs: Record<string, tf.Tensor> = { g, mv };
+  if (clipping) inputs.norm = clip.norm;
+  if (gate !== undefined) inputs.gate = gate;
+  return run("DdpmAdamWMoments", inputs, {
     oneMinusBeta1: 1 - betas.beta1,
     beta2: betas.beta2,
     oneMinusBeta2: 1 - betas.beta2,
-  };
-  return clip === null || !Number.isFinite(clip.maxNorm)
-    ? run("DdpmAdamWMoments", { g, mv }, attrs)
-    : run("DdpmAdamWMoments", { g, mv, norm: clip.norm }, {
-      ...attrs,
-      maxNorm: clip.maxNorm,
-    });
+    clip: clipping ? 1 : 0,
+    gated: gate === undefined ? 0 : 1,
+    ...(clipping ? { maxNorm: clip.maxNorm } : {}),
+  });
 }
 
 /** The scalars of one AdamW weight update (see core/optim.ts). */
@@ -347,6 +385,7 @@ export interface AdamWUpdate {
  * @param mv The new packed moments, 2 `total` elements.
  * @param at Where p's moments start in each half, and the half's length.
  * @param u The step's scalars.
+ * @param gate Optional {@linkcode finiteGate}: where it is 0, `p` unchanged.
  * @returns The new weight, a new tensor shaped as `p`.
  */
 export function adamwParam(
@@ -354,8 +393,11 @@ export function adamwParam(
   mv: tf.Tensor,
   at: { start: number; total: number },
   u: AdamWUpdate,
+  gate?: tf.Tensor,
 ): tf.Tensor {
-  return run("DdpmAdamWParam", { p, mv }, { ...at, ...u });
+  return gate === undefined
+    ? run("DdpmAdamWParam", { p, mv }, { ...at, ...u, gated: 0 })
+    : run("DdpmAdamWParam", { p, mv, gate }, { ...at, ...u, gated: 1 });
 }
 
 /**
@@ -364,11 +406,42 @@ export function adamwParam(
  * @param e The average.
  * @param p The parameter, shaped as `e`.
  * @param decay The decay d.
+ * @param gate Optional {@linkcode finiteGate}: where it is 0, `e` unchanged.
  * @returns The new average, a new tensor shaped as `e`.
  */
-export function emaStep(e: tf.Tensor, p: tf.Tensor, decay: number): tf.Tensor {
-  return run("DdpmEma", { e, p }, { oneMinusDecay: 1 - decay });
+export function emaStep(
+  e: tf.Tensor,
+  p: tf.Tensor,
+  decay: number,
+  gate?: tf.Tensor,
+): tf.Tensor {
+  const oneMinusDecay = 1 - decay;
+  return gate === undefined
+    ? run("DdpmEma", { e, p }, { oneMinusDecay, gated: 0 })
+    : run("DdpmEma", { e, p, gate }, { oneMinusDecay, gated: 1 });
 }
+
+/**
+ * The gate of one training step: 1 while every step so far (`prev`) and
+ * this one's loss and gradient norm (`stats`) are finite, else 0. Gated
+ * updates leave their tensors unchanged where it is 0, so a step whose
+ * numbers are not finite, and every step queued after it, change nothing,
+ * without the host reading the numbers first.
+ *
+ * @param stats `[loss, gradNorm]` of the step.
+ * @param prev The previous step's gate (a scalar 1 at the start).
+ * @returns A new scalar, 1 or 0.
+ */
+export function finiteGate(stats: tf.Tensor, prev: tf.Tensor): tf.Scalar {
+  return run("DdpmFiniteGate", { stats, prev }) as tf.Scalar;
+}
+
+/**
+ * The key of a method `(count: number) => void` of {@linkcode AdamW} and
+ * `Ema` that sets their step counters back to `count`: for the trainer,
+ * after the GPU's gate skipped the steps from there on.
+ */
+export const REWIND: unique symbol = Symbol("rewind");
 
 /**
  * The key of {@linkcode AdamW}'s fused step over flat gradients: a method

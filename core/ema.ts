@@ -34,7 +34,12 @@
  * @module
  */
 import { tf } from "./backend.ts";
-import { emaStep, flattenInOrder, sliceInOrder } from "./_webgpu_optim.ts";
+import {
+  emaStep,
+  flattenInOrder,
+  REWIND,
+  sliceInOrder,
+} from "./_webgpu_optim.ts";
 
 /** How the EMA decay grows with the number of updates; see the module notes. */
 export type EmaDecayMode = "constant" | "warmup" | "ramp";
@@ -64,6 +69,13 @@ export interface EmaState {
   /** The averaged parameters, keyed as the model's. */
   params: Map<string, tf.Tensor>;
 }
+
+/**
+ * The key of {@linkcode Ema}'s update gated by a training step's
+ * `finiteGate`: `(params, gate?) => decay`, for the trainer, kept off the
+ * public API.
+ */
+export const UPDATE_GATED: unique symbol = Symbol("Ema.updateGated");
 
 /** The defaults of {@linkcode Ema}: a constant decay of 0.9999, as the reference. */
 export const EMA_DEFAULTS: Readonly<EmaConfig> = Object.freeze({
@@ -230,6 +242,18 @@ export class Ema {
    * ```
    */
   update(params: ReadonlyMap<string, tf.Tensor>): number {
+    return this[UPDATE_GATED](params);
+  }
+
+  /**
+   * {@linkcode Ema.update}, on WebGPU optionally gated by a training step's
+   * `finiteGate` (core/_webgpu_optim.ts): where it is 0 the averages stay
+   * as they were (the update count still advances; the trainer rewinds it).
+   */
+  [UPDATE_GATED](
+    params: ReadonlyMap<string, tf.Tensor>,
+    gate?: tf.Tensor,
+  ): number {
     for (const [key, e] of this.#params) {
       const p = params.get(key);
       if (p === undefined || !sameShape(p.shape, e.shape)) {
@@ -259,10 +283,15 @@ export class Ema {
       }
       const packed = this.#packed!;
       tf.tidy(() => {
-        packed.assign(emaStep(packed, flattenInOrder(params, keys), d));
+        packed.assign(emaStep(packed, flattenInOrder(params, keys), d, gate));
       });
       this.#current = "packed";
     } else {
+      if (gate !== undefined) {
+        throw new TypeError(
+          "Cannot update EMA: a gated update needs float32 parameters on webgpu (got an ungated backend or dtype, expected webgpu and float32)",
+        );
+      }
       const current = this.params;
       tf.tidy(() => {
         for (const [key, e] of current) {
@@ -274,6 +303,11 @@ export class Ema {
     }
     this.#optimizationStep = n;
     return d;
+  }
+
+  /** Set the update count back (see `REWIND` in core/_webgpu_optim.ts). */
+  [REWIND](count: number): void {
+    this.#optimizationStep = count;
   }
 
   /**

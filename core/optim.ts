@@ -35,6 +35,7 @@ import {
   adamwParam,
   type FlatClip,
   flattenInOrder,
+  REWIND,
   sliceInOrder,
   STEP_FLAT,
 } from "./_webgpu_optim.ts";
@@ -255,7 +256,11 @@ export class AdamW {
    * gradients concatenated in parameter order, clipped first by `clip`.
    * The Trainer calls it; kept off the public API by its symbol key.
    */
-  [STEP_FLAT](flat: tf.Tensor, clip: FlatClip | null): void {
+  [STEP_FLAT](
+    flat: tf.Tensor,
+    clip: FlatClip | null,
+    gate?: tf.Tensor,
+  ): void {
     if (flat.size !== this.#total || !this.#packable) {
       throw new TypeError(
         `Cannot take fused AdamW step: the flat gradients do not cover the parameters (got ${flat.size} elements, expected ${this.#total} float32 ones)`,
@@ -272,13 +277,18 @@ export class AdamW {
       stepSize: lr / (1 - beta1 ** t),
     };
     tf.tidy(() => {
-      packed.assign(adamwMoments(flat, packed, { beta1, beta2 }, clip));
+      packed.assign(adamwMoments(flat, packed, { beta1, beta2 }, clip, gate));
       for (const [key, p] of this.params) {
         const at = { start: this.#starts.get(key)!, total: this.#total };
-        p.assign(adamwParam(p, packed, at, update));
+        p.assign(adamwParam(p, packed, at, update, gate));
       }
     });
     this.#step = t;
+  }
+
+  /** Set the step count back (see `REWIND` in core/_webgpu_optim.ts). */
+  [REWIND](count: number): void {
+    this.#step = count;
   }
 
   /** Move per-key moments into the packed variable (no-op when packed). */

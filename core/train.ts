@@ -29,11 +29,13 @@
 import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { AdamW, type AdamWConfig, type AdamWState } from "./optim.ts";
-import { Ema, type EmaConfig, type EmaState } from "./ema.ts";
+import { Ema, type EmaConfig, type EmaState, UPDATE_GATED } from "./ema.ts";
 import {
   clipScale,
+  finiteGate,
   flatNorm,
   flattenInOrder,
+  REWIND,
   STEP_FLAT,
 } from "./_webgpu_optim.ts";
 import { qSample, type Schedule } from "./schedule.ts";
@@ -271,8 +273,10 @@ interface LossAndGrads {
 interface Clipped {
   /** [loss, pre-clip gradient norm]. */
   stats: tf.Tensor1D;
-  /** The AdamW step with the clipped gradients. */
-  step(): void;
+  /** Whether `step` runs the fused WebGPU programs, which take a gate. */
+  fused: boolean;
+  /** The AdamW step with the clipped gradients (gated where fused). */
+  step(gate?: tf.Tensor): void;
   /** Free the stats and the gradients. */
   dispose(): void;
 }
@@ -328,6 +332,14 @@ export class Trainer {
   readonly workers: number;
   #step = 0;
   #pool: GradientPool | null = null;
+  /** The last queued step's gate on the fused WebGPU path (null: open). */
+  #gate: tf.Scalar | null = null;
+  /** Bumped when a queued step is found to have failed. */
+  #generation = 0;
+  /** Resolves when the last called step has queued its work. */
+  #queued: Promise<void> = Promise.resolve();
+  /** Resolves when the last called step has been read back and judged. */
+  #settled: Promise<void> = Promise.resolve();
 
   /**
    * Make a trainer for `model` on `schedule`.
@@ -428,8 +440,17 @@ export class Trainer {
    * Take one training step on a batch: draw t and eps, MSE loss, clip, AdamW, EMA.
    *
    * Reads the device once (loss and norm together). A non-finite loss or
-   * gradient norm throws a RangeError naming the step before any weight
+   * gradient norm throws a RangeError naming the step, and no weight
    * changes.
+   *
+   * Steps run in call order. On WebGPU (float32 weights) a step queues all
+   * of its GPU work, updates included, before it reads its loss back, the
+   * updates gated on the GPU by the numbers being finite: a caller may
+   * start the next step before awaiting this one, so that the GPU and the
+   * host need not wait for each read back (Deno's takes about 10 ms). If a
+   * step then fails, it and the steps started after it reject and change
+   * nothing, and {@linkcode Trainer.step} goes back to the failed one.
+   * Elsewhere each step waits for the one before.
    *
    * @param x0 Clean images, NHWC float32 in [-1, 1]; not disposed.
    * @returns The step count, the loss and the pre-clip gradient norm.
@@ -455,7 +476,35 @@ export class Trainer {
         `Cannot take training step: x0 must be a float32 NHWC batch (got ${x0.dtype} rank ${x0.rank}, expected float32 rank 4)`,
       );
     }
+    // Steps queue their work in call order, and are judged in that order.
+    const before = { queued: this.#queued, settled: this.#settled };
+    let queued!: () => void;
+    let settled!: () => void;
+    this.#queued = new Promise((r) => queued = r);
+    this.#settled = new Promise((r) => settled = r);
+    try {
+      await before.queued;
+      return await this.#takeStep(x0, queued, before.settled);
+    } finally {
+      queued();
+      settled();
+    }
+  }
+
+  /**
+   * One step, after the previous one has queued its work. On the fused
+   * WebGPU path the weight, moment and EMA updates are queued gated (see
+   * `finiteGate`) before the loss and norm are read, and `queued` is
+   * called then: the next step may be queued while this one is read.
+   * Elsewhere the numbers are read first and the updates follow.
+   */
+  async #takeStep(
+    x0: tf.Tensor4D,
+    queued: () => void,
+    previous: Promise<void>,
+  ): Promise<TrainStepResult> {
     const index = this.#step;
+    const generation = this.#generation;
     const n = x0.shape[0];
     const timesteps = drawTimesteps(
       hash32(this.seed, index, TIMESTEP_STREAM),
@@ -469,7 +518,28 @@ export class Trainer {
       : await this.#parallelLossAndGrads(x0, timesteps, noiseSeed);
     // 3: clipping.
     const clipped = this.#clip(raw);
-    // 4: the one read; nothing has changed yet.
+    const counts = {
+      optimizer: this.optimizer.stepCount,
+      ema: this.ema?.optimizationStep ?? 0,
+    };
+    if (clipped.fused) {
+      // 5 (queued now, gated on the GPU): the weights, then their average.
+      try {
+        const gate = tf.tidy(() =>
+          finiteGate(clipped.stats, this.#gate ?? tf.scalar(1))
+        );
+        this.#gate?.dispose();
+        this.#gate = gate;
+        clipped.step(gate);
+        this.ema?.[UPDATE_GATED](this.model.params, gate);
+        this.#step = index + 1;
+      } catch (e) {
+        clipped.dispose();
+        throw e;
+      }
+      queued();
+    }
+    // 4: the one read.
     let values: Float32Array;
     try {
       values = await clipped.stats.data() as Float32Array;
@@ -477,27 +547,45 @@ export class Trainer {
       clipped.dispose();
       throw e;
     }
+    await previous;
     const [loss, gradNorm] = values;
-    if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
+    const finite = Number.isFinite(loss) && Number.isFinite(gradNorm);
+    if (clipped.fused) {
       clipped.dispose();
-      const what = Number.isFinite(loss) ? "gradient norm" : "loss";
-      throw new RangeError(
-        `Cannot take training step ${
-          index + 1
-        }: the ${what} is not finite (got ${
-          Number.isFinite(loss) ? gradNorm : loss
-        }, expected a finite number); no weight was changed`,
-      );
-    }
-    // 5: update the weights, then their average.
-    try {
-      clipped.step();
-    } finally {
+      if (generation !== this.#generation) {
+        throw new RangeError(
+          `Cannot take training step ${
+            index + 1
+          }: an earlier step queued before it failed (got a cancelled step, expected the earlier one to succeed); no weight was changed`,
+        );
+      }
+      if (finite) return { step: index + 1, loss, gradNorm };
+      // The gate skipped this step and every one queued after it.
+      this.#generation++;
+      this.#step = index;
+      this.optimizer[REWIND](counts.optimizer);
+      this.ema?.[REWIND](counts.ema);
+      this.#gate?.dispose();
+      this.#gate = null;
+    } else if (finite) {
+      // 5: update the weights, then their average.
+      try {
+        clipped.step();
+      } finally {
+        clipped.dispose();
+      }
+      this.ema?.update(this.model.params);
+      this.#step = index + 1;
+      return { step: this.#step, loss, gradNorm };
+    } else {
       clipped.dispose();
     }
-    this.ema?.update(this.model.params);
-    this.#step = index + 1;
-    return { step: this.#step, loss, gradNorm };
+    const what = Number.isFinite(loss) ? "gradient norm" : "loss";
+    throw new RangeError(
+      `Cannot take training step ${index + 1}: the ${what} is not finite (got ${
+        Number.isFinite(loss) ? gradNorm : loss
+      }, expected a finite number); no weight was changed`,
+    );
   }
 
   /**
@@ -527,8 +615,13 @@ export class Trainer {
       disposeMap(raw.grads);
       return {
         stats,
-        step: () =>
-          this.optimizer[STEP_FLAT](flat, { norm, maxNorm: this.maxGradNorm }),
+        fused: true,
+        step: (gate?: tf.Tensor) =>
+          this.optimizer[STEP_FLAT](
+            flat,
+            { norm, maxNorm: this.maxGradNorm },
+            gate,
+          ),
         dispose: () => tf.dispose([stats, flat, norm]),
       };
     }
@@ -544,6 +637,7 @@ export class Trainer {
     const gradMap = new Map(Object.entries(grads));
     return {
       stats,
+      fused: false,
       step: () => this.optimizer.step(gradMap),
       dispose: () => {
         stats.dispose();
@@ -796,6 +890,8 @@ export class Trainer {
       }
     });
     this.#step = state.step;
+    this.#gate?.dispose();
+    this.#gate = null;
   }
 
   /**
@@ -816,6 +912,8 @@ export class Trainer {
    * ```
    */
   dispose(): void {
+    this.#gate?.dispose();
+    this.#gate = null;
     this.#pool?.dispose();
     this.#pool = null;
     this.optimizer.dispose();

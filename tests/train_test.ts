@@ -567,3 +567,33 @@ Deno.test("training on wasm follows the cpu backend's losses and gradient norms"
     await initBackend("cpu");
   }
 });
+
+Deno.test("trainStep calls made before the previous one settles run one after the other, as if awaited", async () => {
+  const schedule = makeSchedule({ T: 100 });
+  const x = fixedBatch(2, 4, 5);
+  const run = async (together: boolean) => {
+    const model = convModel(7);
+    const trainer = new Trainer(model, schedule, { seed: 9 });
+    const losses = together
+      ? (await Promise.all([0, 1, 2].map(() => trainer.trainStep(x)))).map(
+        (r) => r.loss,
+      )
+      : [
+        (await trainer.trainStep(x)).loss,
+        (await trainer.trainStep(x)).loss,
+        (await trainer.trainStep(x)).loss,
+      ];
+    const w = model.params.get("conv1.weight")!.dataSync().slice();
+    const step = trainer.step;
+    trainer.dispose();
+    model.dispose();
+    return { losses, w, step };
+  };
+  const apart = await run(false);
+  const together = await run(true);
+  assert.equal(together.step, 3);
+  assert.deepEqual(together.losses, apart.losses);
+  assert.deepEqual(together.w, apart.w);
+  x.dispose();
+  schedule.dispose();
+});

@@ -275,3 +275,94 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "webgpu training steps started before the previous one is awaited equal steps taken one by one; a failed step cancels those started after it and changes nothing",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    tf.engine().startScope();
+    try {
+      const schedule = makeSchedule({ T: 1000 });
+      const good = tf.tensor4d(
+        Array.from(randoms(2 * 8 * 8, 21), (v) => Math.max(-1, Math.min(1, v))),
+        [2, 8, 8, 1],
+      );
+      const bad = tf.fill([2, 8, 8, 1], NaN) as tf.Tensor4D;
+      const make = () => {
+        const unet = new UNet({ base: 8, seed: 4 });
+        return { unet, trainer: new Trainer(unet, schedule, { seed: 6 }) };
+      };
+      const snapshot = async (m: ReturnType<typeof make>) =>
+        new Map([
+          ...await readAll(m.unet.params),
+          ...[...await readAll(m.trainer.ema!.params)].map(([k, v]) =>
+            [`ema ${k}`, v] as const
+          ),
+        ]);
+      // Bit for bit, with a short message (assert's diff of these maps is huge).
+      const assertSame = (
+        a: Map<string, Float32Array>,
+        b: Map<string, Float32Array>,
+        what: string,
+      ) => {
+        assert.deepEqual([...a.keys()], [...b.keys()]);
+        for (const [k, v] of a) {
+          const w = b.get(k)!;
+          const i = v.findIndex((x, j) => !Object.is(x, w[j]));
+          assert.ok(i < 0, `${what}: ${k}[${i}] is ${v[i]}, expected ${w[i]}`);
+        }
+      };
+      // One by one: the states after 1 and 2 steps, and the losses.
+      const one = make();
+      const losses: number[] = [];
+      losses.push((await one.trainer.trainStep(good)).loss);
+      const after1 = await snapshot(one);
+      losses.push((await one.trainer.trainStep(good)).loss);
+      const after2 = await snapshot(one);
+
+      // Started together: the same numbers, bit for bit.
+      const two = make();
+      const both = [two.trainer.trainStep(good), two.trainer.trainStep(good)];
+      assert.deepEqual((await Promise.all(both)).map((r) => r.loss), losses);
+      assertSame(await snapshot(two), after2, "started together");
+
+      // Step 2 fails while step 3 is queued behind it.
+      const three = make();
+      const steps = [good, bad, good].map((x) => three.trainer.trainStep(x));
+      steps.forEach((p) => p.catch(() => {}));
+      assert.equal((await steps[0]).loss, losses[0]);
+      await assert.rejects(
+        steps[1],
+        (e: Error) =>
+          e instanceof RangeError && /step 2: the loss is not finite/.test(
+            e.message,
+          ),
+      );
+      await assert.rejects(
+        steps[2],
+        (e: Error) =>
+          e instanceof RangeError && /step 3: an earlier step/.test(e.message),
+      );
+      assert.equal(three.trainer.step, 1);
+      assert.equal(three.trainer.optimizer.stepCount, 1);
+      assert.equal(three.trainer.ema!.optimizationStep, 1);
+      assertSame(await snapshot(three), after1, "after the failed steps");
+      // Training goes on from there as if the failed steps never were.
+      const r = await three.trainer.trainStep(good);
+      assert.deepEqual([r.step, r.loss], [2, losses[1]]);
+      assertSame(await snapshot(three), after2, "after going on");
+      for (const m of [one, two, three]) {
+        m.trainer.dispose();
+        m.unet.dispose();
+      }
+      tf.dispose([good, bad]);
+      schedule.dispose();
+    } finally {
+      tf.engine().endScope();
+      await initBackend("cpu");
+    }
+  },
+});

@@ -149,18 +149,24 @@ async function main(): Promise<number> {
     const best = per.indexOf(Math.min(...per));
     per.forEach((t, i) => logSum[i] += Math.log(tTfjs / t));
     console.log(
-      `${s.what.padEnd(14)} ${s.hw}x${s.hw} ${s.cin}->${s.cout} k${s.k} s${s.stride}: tfjs ${
+      `${
+        s.what.padEnd(14)
+      } ${s.hw}x${s.hw} ${s.cin}->${s.cout} k${s.k} s${s.stride}: tfjs ${
         tf_(tTfjs)
       } TFLOP/s; ours ${per.map(tf_).join(" ")}; best ${
         JSON.stringify(tilings[best])
-      } ${(tTfjs / per[best]).toFixed(2)}x; max rel err ${worst.toExponential(1)}`,
+      } ${(tTfjs / per[best]).toFixed(2)}x; max rel err ${
+        worst.toExponential(1)
+      }`,
     );
     rows.push({ ...s, n, flops, tfjs: tTfjs, ours: per, worst });
   }
   console.log("geometric-mean speed-up over tfjs per tiling:");
   tilings.forEach((t, i) =>
     console.log(
-      `  ${JSON.stringify(t)}: ${Math.exp(logSum[i] / rows.length).toFixed(2)}x`,
+      `  ${JSON.stringify(t)}: ${
+        Math.exp(logSum[i] / rows.length).toFixed(2)
+      }x`,
     )
   );
   if (values.json) {
