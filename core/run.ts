@@ -35,7 +35,7 @@ import { join } from "node:path";
 import { tf } from "./backend.ts";
 import { makeSchedule, type Schedule, type ScheduleKind } from "./schedule.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
-import { Trainer, type TrainerState } from "./train.ts";
+import { Trainer, type TrainerState, type TrainStepResult } from "./train.ts";
 import { ADAMW_DEFAULTS, type AdamWConfig } from "./optim.ts";
 import { EMA_DEFAULTS, type EmaConfig } from "./ema.ts";
 import {
@@ -172,6 +172,13 @@ export interface TrainOptions {
   onStep?: (metrics: StepMetrics) => void;
   /** Called after each file written. */
   onFile?: (file: RunFile) => void;
+  /**
+   * Start each step before the previous one's loss is read back, where the
+   * trainer queues its work ahead (WebGPU; see `Trainer.trainStep`): the
+   * same results, less waiting. Default true; steps before a checkpoint, a
+   * grid or the end are awaited in any case.
+   */
+  pipeline?: boolean;
 }
 
 /** How a session of {@linkcode TrainingRun.train} ended. */
@@ -655,6 +662,8 @@ export class TrainingRun {
    */
   async train(options: TrainOptions): Promise<TrainResult> {
     const { batchesPerEpoch, batch, sample, signal, onStep, onFile } = options;
+    const pipelined = (options.pipeline ?? true) &&
+      tf.getBackend() === "webgpu";
     if (!(Number.isSafeInteger(batchesPerEpoch) && batchesPerEpoch >= 1)) {
       throw bad("train", "batchesPerEpoch", batchesPerEpoch, "an integer >= 1");
     }
@@ -705,44 +714,77 @@ export class TrainingRun {
       await writePng(lossPath, curve);
       onFile?.({ kind: "lossCurve", path: lossPath, step: this.step });
     };
+    // On WebGPU the next step is started before this one's loss is read
+    // back (see Trainer.trainStep), except where a checkpoint, a grid or
+    // the end must see this step's weights.
+    interface Started {
+      s: number;
+      x0: tf.Tensor4D;
+      result: Promise<TrainStepResult>;
+    }
+    const begin = async (s: number): Promise<Started> => {
+      const x0 = await batch(
+        Math.floor(s / batchesPerEpoch),
+        s % batchesPerEpoch,
+      );
+      const result = this.trainer.trainStep(x0);
+      result.catch(() => {});
+      return { s, x0, result };
+    };
+    let ahead: Started | null = null;
+    let last = performance.now();
     try {
-      while (this.step < steps) {
-        if (signal?.aborted) {
-          stopped = "signal";
-          break;
+      while (ahead !== null || this.step < steps) {
+        let current: Started;
+        if (ahead !== null) {
+          current = ahead;
+          ahead = null;
+        } else {
+          if (signal?.aborted) {
+            stopped = "signal";
+            break;
+          }
+          if (timeLimitSec > 0 && sessionSec() >= timeLimitSec) {
+            stopped = "time";
+            break;
+          }
+          last = performance.now();
+          current = await begin(this.step);
         }
-        if (timeLimitSec > 0 && sessionSec() >= timeLimitSec) {
-          stopped = "time";
-          break;
+        const done = current.s + 1;
+        if (
+          pipelined && done < steps &&
+          !(checkpointEvery > 0 && done % checkpointEvery === 0) &&
+          !(sampleEvery > 0 && done % sampleEvery === 0) &&
+          !signal?.aborted &&
+          !(timeLimitSec > 0 && sessionSec() >= timeLimitSec)
+        ) {
+          ahead = await begin(done);
         }
-        const s = this.step;
-        const t0 = performance.now();
-        const x0 = await batch(
-          Math.floor(s / batchesPerEpoch),
-          s % batchesPerEpoch,
-        );
-        const n = x0.shape[0];
+        const n = current.x0.shape[0];
         let result;
         try {
-          result = await this.trainer.trainStep(x0);
+          result = await current.result;
         } catch (e) {
           if (e instanceof RangeError) {
             const why = e.message.replace(
               /^Cannot take training step \d+: /,
               "",
             );
-            const last = this.#savedStep === null
+            const saved = this.#savedStep === null
               ? "no checkpoint was written"
               : `the last checkpoint is "${this.checkpointPath}" (step ${this.#savedStep})`;
             throw new RangeError(
-              `Cannot continue training at step ${s + 1}: ${why}; ${last}`,
+              `Cannot continue training at step ${done}: ${why}; ${saved}`,
             );
           }
           throw e;
         } finally {
-          x0.dispose();
+          current.x0.dispose();
         }
-        const dt = (performance.now() - t0) / 1000;
+        const now = performance.now();
+        const dt = (now - last) / 1000;
+        last = now;
         const metrics: StepMetrics = {
           step: result.step,
           loss: result.loss,
@@ -754,18 +796,23 @@ export class TrainingRun {
         this.#losses.push(result.loss);
         await metricsFile.write(encoder.encode(JSON.stringify(metrics) + "\n"));
         onStep?.(metrics);
-        if (checkpointEvery > 0 && this.step % checkpointEvery === 0) {
+        if (checkpointEvery > 0 && result.step % checkpointEvery === 0) {
           await checkpoint();
         }
         if (
-          sampleEvery > 0 && this.step % sampleEvery === 0 &&
-          this.step < steps && !signal?.aborted
+          sampleEvery > 0 && result.step % sampleEvery === 0 &&
+          result.step < steps && !signal?.aborted
         ) {
           await writeGrid(false);
         }
       }
     } finally {
       metricsFile.close();
+      if (ahead !== null) {
+        // A step started behind a failed one: it rejects too.
+        await ahead.result.catch(() => {});
+        ahead.x0.dispose();
+      }
     }
     if (this.#savedStep !== this.step) {
       await checkpoint();

@@ -12,6 +12,7 @@ import { makeSchedule } from "../core/schedule.ts";
 import { Trainer, type TrainerOptions } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
 import { Ema } from "../core/ema.ts";
+import { RUN_FILES, TrainingRun } from "../core/run.ts";
 import { randoms, readAll, relErr } from "./_util.ts";
 
 const hasWebGpu = (globalThis.navigator as Navigator | undefined)?.gpu !==
@@ -362,6 +363,82 @@ Deno.test({
       schedule.dispose();
     } finally {
       tf.engine().endScope();
+      await initBackend("cpu");
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a webgpu training run that starts each step ahead writes the same metrics and checkpoints as one that awaits each step",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    const got = await initBackend("webgpu");
+    if (got.backend !== "webgpu") return;
+    const dirs: string[] = [];
+    try {
+      const session = async (pipeline: boolean) => {
+        const dir = await Deno.makeTempDir({ prefix: "ddpm_pipeline_" });
+        dirs.push(dir);
+        const run = await TrainingRun.create(dir, {
+          model: { base: 8 },
+          steps: 5,
+          checkpointEvery: 2,
+          seed: 2,
+          data: { name: "noise", batchSize: 2 },
+        });
+        // The checkpoint as written at step 2 (the final one replaces it).
+        let at2: Uint8Array | null = null;
+        const grids: number[] = [];
+        await run.train({
+          batchesPerEpoch: 4,
+          batch: (e, i) =>
+            tf.randomUniform(
+              [2, 8, 8, 1],
+              -1,
+              1,
+              "float32",
+              10 * e + i,
+            ) as tf.Tensor4D,
+          pipeline,
+          onFile: (f) => {
+            if (f.kind === "checkpoint" && f.step === 2) {
+              at2 = Deno.readFileSync(f.path);
+            }
+          },
+          sample: (req) => {
+            grids.push(req.step);
+            return Promise.resolve(tf.zeros([1, 8, 8, 1]) as tf.Tensor4D);
+          },
+        });
+        run.dispose();
+        const metrics = (await Deno.readTextFile(`${dir}/${RUN_FILES.metrics}`))
+          .split("\n").filter((l) => l !== "").map((l) => JSON.parse(l));
+        return {
+          losses: metrics.map((m) => [m.step, m.loss, m.gradNorm]),
+          at2: at2!,
+          final: await Deno.readFile(`${dir}/${RUN_FILES.checkpoint}`),
+          grids,
+        };
+      };
+      const awaited = await session(false);
+      const ahead = await session(true);
+      assert.equal(awaited.losses.length, 5);
+      assert.deepEqual(ahead.losses, awaited.losses);
+      assert.deepEqual(ahead.grids, awaited.grids);
+      // Byte for byte, apart from the elapsed time in the header.
+      const weights = (b: Uint8Array) =>
+        b.subarray(8 + new DataView(b.buffer, b.byteOffset).getUint32(0, true));
+      assert.ok(
+        weights(ahead.at2).every((v, i) => v === weights(awaited.at2)[i]),
+        "checkpoint at step 2",
+      );
+      assert.ok(
+        weights(ahead.final).every((v, i) => v === weights(awaited.final)[i]),
+        "final checkpoint",
+      );
+    } finally {
+      for (const d of dirs) await Deno.remove(d, { recursive: true });
       await initBackend("cpu");
     }
   },

@@ -16,7 +16,8 @@
  * `--reps` calls back to back with one wait for the device at the end (a
  * training step reads its loss and gradient norm back itself); sampling as
  * the median over `--reps` calls, each ending with its images read back. A
- * training iteration includes the AdamW and EMA updates. FLOPs come from
+ * training iteration includes the AdamW and EMA updates; each starts before
+ * the previous one's loss is awaited, as a training run's do. FLOPs come from
  * the layer list (tests/tools/unet_flops.ts), a training step counted as
  * three forward passes. Peak RSS is the process's VmHWM (workers included).
  *
@@ -196,13 +197,20 @@ export async function measure(v: Variant): Promise<Result> {
         seed: 1,
         workers: v.workers,
       });
+      // Each step is started before the previous one's loss is awaited, as
+      // TrainingRun does (on WebGPU the trainer queues a step's work ahead
+      // of its read back; elsewhere steps wait for each other anyway).
+      let previous: Promise<unknown> = Promise.resolve();
       try {
         result.trainSeconds = await timeLoop(
           v.reps,
           async () => {
-            await trainer.trainStep(x0);
+            const next = trainer.trainStep(x0);
+            await previous;
+            previous = next;
           },
           async () => {
+            await previous;
             // A read orders after every earlier dispatch, the EMA update included.
             await unet.params.get("out_conv.bias")!.data();
           },
