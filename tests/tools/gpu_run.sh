@@ -9,6 +9,7 @@
 #      float32, TF32 off) and this library on WebGPU (tests/tools/perf_table.ts)
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
 #      images), then base 32 (DDPM_GPU_BASES sets the list, "" for none);
+#      With DDPM_GPU_BIG=1, base 64 again with batch 64 throughout;
 #   3. with DDPM_GPU_V8=1, a V8 sampling profile of forward passes
 #      (v8.log.xz; read it with `node --prof-process`);
 #   4. (skipped with DDPM_GPU_CLI=0) the command line's main job on the GPU: a short training run on
@@ -83,6 +84,20 @@ for base in ${DDPM_GPU_BASES-64 32}; do
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
   echo >> "$out/table.md"
 done
+
+if [ -n "${DDPM_GPU_BIG:-}" ]; then
+  echo "== 2b. base 64, batch 64 throughout (forward, training, DDIM 10 steps)"
+  timeout 90 python3 tests/reference/bench_reference.py --base 64 \
+    --forward-batch 64 --train-batch 64 --sample-batch 64 --sample-steps 10 \
+    --reps 10 --json "$out/torch64big.json" || echo "PyTorch run failed"
+  torch_arg=""
+  [ -f "$out/torch64big.json" ] && torch_arg="--torch $out/torch64big.json"
+  # shellcheck disable=SC2086
+  timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
+    --base 64 --forward-batch 64 --train-batch 64 --sample-batch 64 \
+    --sample-steps 10 --reps 5 $torch_arg --json "$out/deno64big.json" \
+    | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
+fi
 
 if [ -n "${DDPM_GPU_V8:-}" ]; then
 echo "== 3. V8 profile of forward passes"
