@@ -21,7 +21,8 @@
 # the machine needs no package registry) and python3 with PyTorch. Where the
 # machine has no Vulkan loader, put the Debian packages libvulkan1 (and the
 # GL ones) as .deb files in .gl/ and carry that folder too: they are
-# unpacked first. Writes its results to OUTDIR (default: $OUT, else
+# unpacked first. DDPM_GPU_CMD='...' runs that shell command (with $deno,
+# $bin and $out set) instead of the steps. Writes its results to OUTDIR (default: $OUT, else
 # out/gpu/results) and prints the tables.
 #
 #   sh tests/tools/gpu_run.sh [OUTDIR]
@@ -51,6 +52,12 @@ export DENO_DIR="$bin/cache" DENO_NO_UPDATE_CHECK=1 XDG_RUNTIME_DIR="${XDG_RUNTI
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
 } > "$out/gpu.txt"
 cat "$out/gpu.txt"
+
+if [ -n "${DDPM_GPU_CMD:-}" ]; then
+  # A one-off check instead of the steps below, with $deno, $bin and $out set.
+  eval "$DDPM_GPU_CMD"
+  exit
+fi
 
 if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
 echo "== 1. WebGPU profile, base 64"
