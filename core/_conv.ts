@@ -160,16 +160,15 @@ function adjoint(
   const [kh, kw, cout, cin] = w.shape;
   if (stride === 1 && ourWebGpuConv(cin, cout)) {
     // A stride-1 convolution of dy with the kernel flipped and its
-    // channel axes swapped, padded by kh - 1 - pad.
-    return tf.tidy(() =>
-      webgpuConv2d(dy, tf.reverse(tf.transpose(w, [0, 1, 3, 2]), [0, 1]), {
-        stride: 1,
-        padY: kh - 1 - pad,
-        padX: kw - 1 - pad,
-        oh: outShape[1],
-        ow: outShape[2],
-      })
-    );
+    // channel axes swapped (read so by the program), padded by kh - 1 - pad.
+    return webgpuConv2d(dy, w, {
+      stride: 1,
+      padY: kh - 1 - pad,
+      padX: kw - 1 - pad,
+      oh: outShape[1],
+      ow: outShape[2],
+      flip: true,
+    });
   }
   if (tf.getBackend() !== "wasm") {
     return tf.conv2dTranspose(dy, w, outShape, stride, pad);

@@ -387,7 +387,7 @@ function checkTiles(t: ConvTiles): void {
  * Inputs, kernel, bias and output are bound as vec4 arrays (Cin and Cout
  * are multiples of 4, so a vec4 of A never straddles two taps).
  */
-function convSource(t: ConvTiles, bias: boolean): string {
+function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
   const { tm, tn, tk, rm, rn } = t;
   const gx = tn / rn; // invocations along the output channels
   const gy = tm / rm; // invocations along the output pixels
@@ -435,6 +435,41 @@ function convSource(t: ConvTiles, bias: boolean): string {
     }
     stores.push(`} }`);
   }
+  // B as it lies: rows k of [kh kw Cin, Cout], a vec4 of 4 output channels.
+  const loadB = `for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        let kr = e / ${tn / 4};
+        let ov = e % ${tn / 4};
+        var v = vec4<f32>(0.0);
+        if (k0 + kr < uniforms.kTotal && o0v + ov < uniforms.coutV) {
+          v = w[(k0 + kr) * uniforms.coutV + o0v + ov];
+        }
+        tileB[kr * ${tn / 4} + ov] = v;
+      }`;
+  // B of a kernel [kh, kw, Cout, Cin] read flipped with its channel axes
+  // swapped: B[(i, j, c), o] = w[kh - 1 - i, kw - 1 - j, o, c], a vec4 of 4
+  // consecutive c (rows of B) for one output channel o.
+  const flipLoadB = `for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        let kq = e % ${tk / 4};
+        let oc = e / ${tk / 4};
+        let k = k0 + kq * 4;
+        let o = o0v * 4 + oc;
+        var v = vec4<f32>(0.0);
+        if (k < uniforms.kTotal && o < uniforms.coutV * 4) {
+          let c = k % uniforms.cin;
+          let ij = k / uniforms.cin;
+          let j = ij % uniforms.kw;
+          let i = ij / uniforms.kw;
+          let tap = (uniforms.kh - 1 - i) * uniforms.kw + uniforms.kw - 1 - j;
+          v = w[((tap * uniforms.coutV * 4 + o) * uniforms.cin + c) / 4];
+        }
+        let row = kq * 4;
+        tileB[row * ${tn / 4} + oc / 4][oc % 4] = v.x;
+        tileB[(row + 1) * ${tn / 4} + oc / 4][oc % 4] = v.y;
+        tileB[(row + 2) * ${tn / 4} + oc / 4][oc % 4] = v.z;
+        tileB[(row + 3) * ${tn / 4} + oc / 4][oc % 4] = v.w;
+      }`;
   return `
   var<workgroup> tileA : array<vec4<f32>, ${tk * tm / 4}>;
   var<workgroup> tileB : array<vec4<f32>, ${tk * tn / 4}>;
@@ -507,16 +542,7 @@ function convSource(t: ConvTiles, bias: boolean): string {
         kJ[l] = j;
         kI[l] = i;
       }
-      for (var l = 0; l < ${bLoads}; l++) {
-        let e = t + l * ${threads};
-        let kr = e / ${tn / 4};
-        let ov = e % ${tn / 4};
-        var v = vec4<f32>(0.0);
-        if (k0 + kr < uniforms.kTotal && o0v + ov < uniforms.coutV) {
-          v = w[(k0 + kr) * uniforms.coutV + o0v + ov];
-        }
-        tileB[kr * ${tn / 4} + ov] = v;
-      }
+      ${flip ? flipLoadB : loadB}
       workgroupBarrier();
       for (var kk = 0; kk < ${tk}; kk++) {
         ${fmas.join("\n        ")}
@@ -529,7 +555,9 @@ function convSource(t: ConvTiles, bias: boolean): string {
 
 registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
   const [n, h, w, cin] = inputs[0].shape;
-  const [kh, kw, , cout] = inputs[1].shape;
+  const flip = attrs.flip === true;
+  const [kh, kw] = inputs[1].shape;
+  const cout = inputs[1].shape[flip ? 2 : 3];
   const oh = attrs.oh as number;
   const ow = attrs.ow as number;
   const tiles = attrs.tiles as ConvTiles;
@@ -541,14 +569,14 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       variableNames: bias ? ["xin", "w", "bias"] : ["xin", "w"],
       variableComponents: bias ? [4, 4, 4] : [4, 4],
       outputComponent: 4,
-      shaderKey: `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}`,
+      shaderKey: `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}`,
       uniforms:
-        "h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
+        "h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kh : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
       outputShape: [n, oh, ow, cout],
       dispatchLayout: { x: [0] },
       dispatch: [Math.ceil(cout / tn), Math.ceil(m / tm), 1],
       workgroupSize: [(tm / rm) * (tn / rn), 1, 1],
-      getUserCode: () => convSource(tiles, bias),
+      getUserCode: () => convSource(tiles, bias, flip),
     },
     uniforms: [
       h,
@@ -557,6 +585,7 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       oh,
       ow,
       cout / 4,
+      kh,
       kw,
       attrs.stride as number,
       attrs.padY as number,
@@ -579,6 +608,12 @@ export interface WebGpuConvOptions {
   ow: number;
   /** Optional `[Cout]` added to every output pixel. */
   bias?: tf.Tensor;
+  /**
+   * Read the kernel as `[kh, kw, Cout, Cin]`, flipped in both spatial axes
+   * with its channel axes swapped: the input gradient of a stride-1
+   * convolution with that kernel, without a copy of it.
+   */
+  flip?: boolean;
   /** Tiles; default {@linkcode DEFAULT_CONV_TILES}. */
   tiles?: ConvTiles;
 }
@@ -602,8 +637,8 @@ export function webgpuConvApplies(cin: number, cout: number): boolean {
  * 32 x 32 tiles; this runs larger ones with vec4 loads throughout.
  *
  * @param x Input `[N, H, W, Cin]`, Cin a multiple of 4.
- * @param w Kernel `[kh, kw, Cin, Cout]`, Cout a multiple of 4.
- * @param options Stride, top and left padding, output size, bias, tiles.
+ * @param w Kernel `[kh, kw, Cin, Cout]` (with `flip`, `[kh, kw, Cout, Cin]`), Cout a multiple of 4.
+ * @param options Stride, top and left padding, output size, bias, flip, tiles.
  * @returns `[N, oh, ow, Cout]`.
  */
 export function webgpuConv2d(
@@ -612,7 +647,8 @@ export function webgpuConv2d(
   options: WebGpuConvOptions,
 ): tf.Tensor4D {
   const [, , , cin] = x.shape;
-  const [, , wc, cout] = w.shape;
+  const flip = options.flip === true;
+  const [wc, cout] = flip ? [w.shape[3], w.shape[2]] : [w.shape[2], w.shape[3]];
   if (!webgpuConvApplies(cin, cout) || wc !== cin) {
     throw new RangeError(
       `Cannot convolve on WebGPU: unsupported backend or channels (got backend ${tf.getBackend()}, input channels ${cin}, kernel [${w.shape}], expected webgpu and matching channel counts that are multiples of 4)`,
@@ -628,6 +664,7 @@ export function webgpuConv2d(
     padX: options.padX,
     oh: options.oh,
     ow: options.ow,
+    flip,
     tiles: tiles as unknown as tf.NamedAttrMap[string],
   }) as tf.Tensor4D;
 }

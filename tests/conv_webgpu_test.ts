@@ -460,10 +460,11 @@ const CONV_TILES: (ConvTiles | undefined)[] = [
   undefined,
   { tm: 32, tn: 32, tk: 8, rm: 4, rn: 4 },
   { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4 },
-  { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 },
 ];
+/** Two vec4s of output channels per invocation (slow to compile on llvmpipe: one case). */
+const WIDE_TILES: ConvTiles = { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 };
 
-Deno.test("webgpuConv2d matches the definition for every tiling: stride, padding, ragged tiles, bias", async () => {
+Deno.test("webgpuConv2d matches the definition for every tiling: stride, padding, ragged tiles, bias, the kernel read flipped", async () => {
   const got = await initBackend("webgpu");
   if (got.backend !== "webgpu") return;
   try {
@@ -483,28 +484,47 @@ Deno.test("webgpuConv2d matches the definition for every tiling: stride, padding
         ...c.out,
         c.bias ? b : undefined,
       );
+      // The same kernel stored [kh, kw, Cout, Cin], flipped: what `flip` reads.
+      const [kh, kw, cin, cout] = c.w;
+      const flipped = new Float32Array(w.length);
+      const fs: Shape4 = [kh, kw, cout, cin];
+      for (let i = 0; i < kh; i++) {
+        for (let j = 0; j < kw; j++) {
+          for (let ci = 0; ci < cin; ci++) {
+            for (let o = 0; o < cout; o++) {
+              flipped[at4(fs, kh - 1 - i, kw - 1 - j, o, ci)] =
+                w[at4(c.w, i, j, ci, o)];
+            }
+          }
+        }
+      }
       const xt = tf.tensor4d(x, c.x);
       const wt = tf.tensor4d(w, c.w);
+      const ft = tf.tensor4d(flipped, fs);
       const bt = tf.tensor1d(b);
-      for (const tiles of CONV_TILES) {
-        const y = webgpuConv2d(xt, wt, {
-          stride: c.stride,
-          padY: c.padY,
-          padX: c.padX,
-          oh: c.out[0],
-          ow: c.out[1],
-          bias: c.bias ? bt : undefined,
-          tiles,
-        });
-        assert.deepEqual(y.shape, [c.x[0], ...c.out, c.w[3]]);
-        const err = relErr(await y.data() as Float32Array, want);
-        assert.ok(
-          err < 1e-5,
-          `${c.name}, tiles ${JSON.stringify(tiles)}: ${err}`,
-        );
-        y.dispose();
+      const tilings = ci === 0 ? [...CONV_TILES, WIDE_TILES] : CONV_TILES;
+      for (const tiles of tilings) {
+        for (const flip of tiles === WIDE_TILES ? [false] : [false, true]) {
+          const y = webgpuConv2d(xt, flip ? ft : wt, {
+            stride: c.stride,
+            padY: c.padY,
+            padX: c.padX,
+            oh: c.out[0],
+            ow: c.out[1],
+            bias: c.bias ? bt : undefined,
+            flip,
+            tiles,
+          });
+          assert.deepEqual(y.shape, [c.x[0], ...c.out, c.w[3]]);
+          const err = relErr(await y.data() as Float32Array, want);
+          assert.ok(
+            err < 1e-5,
+            `${c.name}, flip ${flip}, tiles ${JSON.stringify(tiles)}: ${err}`,
+          );
+          y.dispose();
+        }
       }
-      tf.dispose([xt, wt, bt]);
+      tf.dispose([xt, wt, ft, bt]);
     }
     assert.equal(tf.memory().numTensors, before);
     const x = tf.zeros([1, 4, 4, 3]) as tf.Tensor4D;
