@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
+import { linear } from "../core/_layers.ts";
 import {
   type ConvTiles,
   webgpuConv2d,
@@ -591,6 +592,58 @@ Deno.test("conv2d on webgpu runs the implicit-GEMM program forward and for the s
       assert.ok(relErr(dx, want) < 1e-5, `dx at stride ${stride}`);
       tf.dispose([xt, wt, rt, profile.result as tf.Tensor]);
     }
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+Deno.test("linear on webgpu (the GEMM program forward and for dx) matches the definition, gradients included", async () => {
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") return;
+  try {
+    const [m, k, n] = [6, 12, 8];
+    const x = randoms(m * k, 41);
+    const w = randoms(k * n, 42);
+    const b = randoms(n, 43);
+    const r = randoms(m * n, 44);
+    const xt = tf.tensor2d(x, [m, k]);
+    const wt = tf.tensor2d(w, [k, n]);
+    const bt = tf.tensor1d(b);
+    const rt = tf.tensor2d(r, [m, n]);
+    const profile = await tf.profile(() =>
+      tf.grads((a: tf.Tensor, v: tf.Tensor, c: tf.Tensor) =>
+        tf.sum(tf.mul(linear(a as tf.Tensor2D, v, c), rt))
+      )([xt, wt, bt])
+    );
+    const names = profile.kernels.map((p) => p.name);
+    assert.equal(names.filter((s) => s === "DdpmConv2D").length, 2);
+    const [dx, dw, db] = await Promise.all(
+      (profile.result as tf.Tensor[]).map(async (t) =>
+        await t.data() as Float32Array
+      ),
+    );
+    const y = await linear(xt, wt, bt).data() as Float32Array;
+    const wantY = new Float64Array(m * n);
+    const wantDx = new Float64Array(m * k);
+    const wantDw = new Float64Array(k * n);
+    const wantDb = new Float64Array(n);
+    for (let i = 0; i < m; i++) {
+      for (let o = 0; o < n; o++) {
+        let acc = b[o];
+        for (let c = 0; c < k; c++) {
+          acc += x[i * k + c] * w[c * n + o];
+          wantDx[i * k + c] += r[i * n + o] * w[c * n + o];
+          wantDw[c * n + o] += x[i * k + c] * r[i * n + o];
+        }
+        wantY[i * n + o] = acc;
+        wantDb[o] += r[i * n + o];
+      }
+    }
+    assert.ok(relErr(y, wantY) < 1e-5, "value");
+    assert.ok(relErr(dx, wantDx) < 1e-5, "dx");
+    assert.ok(relErr(dw, wantDw) < 1e-5, "dW");
+    assert.ok(relErr(db, wantDb) < 1e-5, "db");
+    tf.dispose([xt, wt, bt, rt, ...(profile.result as tf.Tensor[])]);
   } finally {
     await initBackend("cpu");
   }
