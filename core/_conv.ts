@@ -9,8 +9,8 @@
  *
  * | quantity              | computed as                                                   |
  * |-----------------------|---------------------------------------------------------------|
- * | conv forward          | `tf.conv2d` with explicit symmetric padding                   |
- * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved |
+ * | conv forward          | `tf.conv2d` with explicit symmetric padding; on webgpu an implicit-GEMM program (core/_webgpu_conv.ts) where both channel counts are multiples of 4 |
+ * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved; on webgpu at stride 1 the implicit-GEMM program reading the kernel flipped |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
  * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
  *

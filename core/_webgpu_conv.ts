@@ -1,5 +1,10 @@
 /**
- * The weight gradient of a convolution on WebGPU, as a split-K implicit GEMM.
+ * Convolutions on WebGPU as implicit GEMMs of ours: the convolution itself
+ * ({@linkcode webgpuConv2d}, also the input gradient of a stride-1
+ * convolution and, as a 1x1 convolution, a plain matrix product) and the
+ * weight gradient ({@linkcode webgpuFilterGrad}, split over K).
+ *
+ * The weight gradient:
  *
  * dW[i, j, c, o] = sum over k = (n, y, x) of
  * input_pad[n, y s + i, x s + j, c] dy[n, y, x, o]: a GEMM with a small
