@@ -200,11 +200,14 @@ export async function measure(v: Variant): Promise<Result> {
       // Each step is started before the previous one's loss is awaited, as
       // TrainingRun does (on WebGPU the trainer queues a step's work ahead
       // of its read back; elsewhere steps wait for each other anyway).
+      // DDPM_PERF_AWAIT_STEPS=1: each step awaited before the next starts.
+      const awaitEach = Deno.env.get("DDPM_PERF_AWAIT_STEPS") === "1";
       let previous: Promise<unknown> = Promise.resolve();
       try {
         result.trainSeconds = await timeLoop(
           v.reps,
           async () => {
+            if (awaitEach) await previous;
             const next = trainer.trainStep(x0);
             await previous;
             previous = next;
@@ -439,6 +442,15 @@ async function main(args: string[]): Promise<number> {
         parts: all,
       });
       if (b === "webgpu") {
+        variants.push({
+          ...common,
+          label: "webgpu, training steps awaited one by one",
+          backend: b,
+          threads: 1,
+          workers: 1,
+          parts: ["train"],
+          env: { DDPM_PERF_AWAIT_STEPS: "1" },
+        });
         variants.push({
           ...common,
           label: "webgpu, tfjs's convolutions",
