@@ -10,7 +10,7 @@
  * | quantity              | computed as                                                   |
  * |-----------------------|---------------------------------------------------------------|
  * | conv forward          | `tf.conv2d` with explicit symmetric padding; on webgpu an implicit-GEMM program (core/_webgpu_conv.ts) where both channel counts are multiples of 4 |
- * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved; on webgpu at stride 1 the implicit-GEMM program reading the kernel flipped |
+ * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved; on webgpu the implicit-GEMM program reading the kernel flipped (at stride s, per output phase) |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
  * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
  *
@@ -158,17 +158,31 @@ function adjoint(
   pad: number,
 ): tf.Tensor4D {
   const [kh, kw, cout, cin] = w.shape;
-  if (stride === 1 && ourWebGpuConv(cin, cout)) {
-    // A stride-1 convolution of dy with the kernel flipped and its
-    // channel axes swapped (read so by the program), padded by kh - 1 - pad.
-    return webgpuConv2d(dy, w, {
-      stride: 1,
-      padY: kh - 1 - pad,
-      padX: kw - 1 - pad,
-      oh: outShape[1],
-      ow: outShape[2],
-      flip: true,
-    });
+  if (ourWebGpuConv(cin, cout)) {
+    // At stride 1 a convolution of dy with the kernel flipped and its
+    // channel axes swapped (read so by the program), padded by
+    // kh - 1 - pad; at stride s the same per output phase, in one dispatch.
+    return webgpuConv2d(
+      dy,
+      w,
+      stride === 1
+        ? {
+          stride: 1,
+          padY: kh - 1 - pad,
+          padX: kw - 1 - pad,
+          oh: outShape[1],
+          ow: outShape[2],
+          flip: true,
+        }
+        : {
+          stride,
+          padY: pad,
+          padX: pad,
+          oh: outShape[1],
+          ow: outShape[2],
+          transposed: true,
+        },
+    );
   }
   if (tf.getBackend() !== "wasm") {
     return tf.conv2dTranspose(dy, w, outShape, stride, pad);

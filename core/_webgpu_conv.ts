@@ -385,6 +385,59 @@ function checkTiles(t: ConvTiles): void {
 }
 
 /**
+ * WGSL: the GEMM's geometry for a plain convolution: all from uniforms
+ * (output rows, taps, stride, padding), output row m written at row m.
+ */
+const PLAIN_GEOMETRY = `
+    let ohP = uniforms.oh;
+    let owP = uniforms.ow;
+    let khP = uniforms.kh;
+    let kwP = uniforms.kw;
+    let strideP = uniforms.stride;
+    let padYP = uniforms.padY;
+    let padXP = uniforms.padX;
+    let mTotalP = uniforms.mTotal;
+    let kTotalP = uniforms.kTotal;
+    let rY = 0;
+    let rX = 0;
+    let tapStride = 1;`;
+
+/**
+ * WGSL: the geometry of output phase (a, b) = (z / s, z % s) of a transposed
+ * convolution with stride s (`uniforms.stride`) and padding p
+ * (`uniforms.padY`): its outputs (s qy + a, s qx + b) see only the kernel
+ * rows rY + s t (t < khP, rY = (a + p) mod s) and columns rX + s u, at input
+ * rows qy + (a + p) / s - t: a stride-1 convolution over (qy, qx) with a
+ * khP x kwP kernel read in reverse, padded by khP - 1 - (a + p) / s.
+ */
+const TRANSPOSED_GEOMETRY = `
+    let s = uniforms.stride;
+    let pa = i32(workgroupId.z) / s + uniforms.padY;
+    let pb = i32(workgroupId.z) % s + uniforms.padY;
+    let rY = pa % s;
+    let rX = pb % s;
+    let khP = select(0, (uniforms.kh - rY + s - 1) / s, rY < uniforms.kh);
+    let kwP = select(0, (uniforms.kw - rX + s - 1) / s, rX < uniforms.kw);
+    let phaseY = i32(workgroupId.z) / s;
+    let phaseX = i32(workgroupId.z) % s;
+    let ohP = max(uniforms.oh - phaseY + s - 1, 0) / s;
+    let owP = max(uniforms.ow - phaseX + s - 1, 0) / s;
+    let strideP = 1;
+    let padYP = khP - 1 - pa / s;
+    let padXP = kwP - 1 - pb / s;
+    let mTotalP = uniforms.mTotal / (((uniforms.oh + s - 1) / s) * ((uniforms.ow + s - 1) / s)) * ohP * owP;
+    let kTotalP = khP * kwP * uniforms.cin;
+    let tapStride = s;`;
+
+/** WGSL: the output pixel of a transposed convolution's phase row m. */
+const TRANSPOSED_ROW = `let nq = m / (ohP * owP);
+        let rest = m - nq * ohP * owP;
+        let qy = rest / owP;
+        let qx = rest - qy * owP;
+        let orow = (nq * uniforms.oh + qy * s + phaseY) * uniforms.ow +
+          qx * s + phaseX;`;
+
+/**
  * WGSL of the implicit-GEMM convolution: C[m, o] = sum_k A[m, k] B[k, o]
  * with m = (n, y, x) an output pixel, k = (i, j, c) a kernel tap and input
  * channel, A[m, k] = input[n, y s - padY + i, x s - padX + j, c] (zero
@@ -392,7 +445,12 @@ function checkTiles(t: ConvTiles): void {
  * Inputs, kernel, bias and output are bound as vec4 arrays (Cin and Cout
  * are multiples of 4, so a vec4 of A never straddles two taps).
  */
-function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
+function convSource(
+  t: ConvTiles,
+  bias: boolean,
+  flip: boolean,
+  transposed: boolean,
+): string {
   const { tm, tn, tk, rm, rn } = t;
   const gx = tn / rn; // invocations along the output channels
   const gy = tm / rm; // invocations along the output pixels
@@ -428,12 +486,13 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
     const q = Math.floor(r / 4);
     stores.push(
       `{ let m = m0 + (${q * gy} + ty) * 4 + ${r % 4};
-      if (m < uniforms.mTotal) {`,
+      if (m < mTotalP) {
+        ${transposed ? TRANSPOSED_ROW : "let orow = m;"}`,
     );
     for (let p = 0; p < rn / 4; p++) {
       stores.push(`  { let ov = o0v + ${p * gx} + tx;
         if (ov < uniforms.coutV) {
-          setOutputAtIndex(m * uniforms.coutV + ov, ${acc(r, p)}${
+          setOutputAtIndex(orow * uniforms.coutV + ov, ${acc(r, p)}${
         bias ? " + bias[ov]" : ""
       });
         } }`);
@@ -446,7 +505,7 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
         let kr = e / ${tn / 4};
         let ov = e % ${tn / 4};
         var v = vec4<f32>(0.0);
-        if (k0 + kr < uniforms.kTotal && o0v + ov < uniforms.coutV) {
+        if (k0 + kr < kTotalP && o0v + ov < uniforms.coutV) {
           v = w[(k0 + kr) * uniforms.coutV + o0v + ov];
         }
         tileB[kr * ${tn / 4} + ov] = v;
@@ -461,12 +520,13 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
         let k = k0 + kq * 4;
         let o = o0v * 4 + oc;
         var v = vec4<f32>(0.0);
-        if (k < uniforms.kTotal && o < uniforms.coutV * 4) {
+        if (k < kTotalP && o < uniforms.coutV * 4) {
           let c = k % uniforms.cin;
           let ij = k / uniforms.cin;
-          let j = ij % uniforms.kw;
-          let i = ij / uniforms.kw;
-          let tap = (uniforms.kh - 1 - i) * uniforms.kw + uniforms.kw - 1 - j;
+          let j = ij % kwP;
+          let i = ij / kwP;
+          let tap = (rY + tapStride * (khP - 1 - i)) * uniforms.kw + rX +
+            tapStride * (kwP - 1 - j);
           v = w[((tap * uniforms.coutV * 4 + o) * uniforms.cin + c) / 4];
         }
         let row = kq * 4;
@@ -486,6 +546,7 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
     let o0v = i32(workgroupId.x) * ${tn / 4};
     let m0 = i32(workgroupId.y) * ${tm};
     let cinV = uniforms.cin / 4;
+    ${transposed ? TRANSPOSED_GEOMETRY : PLAIN_GEOMETRY}
 
     // The rows of A this invocation loads: output pixel (n, y, x) of each,
     // as the top-left input pixel its kernel window starts at.
@@ -497,24 +558,24 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
     var kI : array<i32, ${aLoads}>;
     var kJ : array<i32, ${aLoads}>;
     var kC : array<i32, ${aLoads}>;
-    let ohw = uniforms.oh * uniforms.ow;
+    let ohw = ohP * owP;
     for (var l = 0; l < ${aLoads}; l++) {
       let e = t + l * ${threads};
       let m = m0 + e / ${kq};
       let kv = e % ${kq};
       let n = m / ohw;
       let rest = m - n * ohw;
-      let y = rest / uniforms.ow;
-      let x = rest - y * uniforms.ow;
-      rowY[l] = select(-1000000, y * uniforms.stride - uniforms.padY, m < uniforms.mTotal);
-      rowX[l] = x * uniforms.stride - uniforms.padX;
+      let y = rest / owP;
+      let x = rest - y * owP;
+      rowY[l] = select(-1000000, y * strideP - padYP, m < mTotalP);
+      rowX[l] = x * strideP - padXP;
       rowBase[l] = n * uniforms.h;
       kC[l] = kv % cinV;
       let ij = kv / cinV;
-      kJ[l] = ij % uniforms.kw;
-      kI[l] = ij / uniforms.kw;
+      kJ[l] = ij % kwP;
+      kI[l] = ij / kwP;
     }
-    let kTotalV = uniforms.kTotal / 4;
+    let kTotalV = kTotalP / 4;
 
     ${decls}
     for (var k0 = 0; k0 < uniforms.kTotal; k0 += ${tk}) {
@@ -541,13 +602,13 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
           if (c < cinV) { break; }
           c -= cinV;
           j += 1;
-          if (j == uniforms.kw) { j = 0; i += 1; }
+          if (j == kwP) { j = 0; i += 1; }
         }
         kC[l] = c;
         kJ[l] = j;
         kI[l] = i;
       }
-      ${flip ? flipLoadB : loadB}
+      ${flip || transposed ? flipLoadB : loadB}
       workgroupBarrier();
       for (var kk = 0; kk < ${tk}; kk++) {
         ${fmas.join("\n        ")}
@@ -560,28 +621,40 @@ function convSource(t: ConvTiles, bias: boolean, flip: boolean): string {
 
 registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
   const [n, h, w, cin] = inputs[0].shape;
-  const flip = attrs.flip === true;
+  const transposed = attrs.transposed === true;
+  const flip = attrs.flip === true && !transposed;
   const [kh, kw] = inputs[1].shape;
-  const cout = inputs[1].shape[flip ? 2 : 3];
+  const cout = inputs[1].shape[flip || transposed ? 2 : 3];
   const oh = attrs.oh as number;
   const ow = attrs.ow as number;
+  const stride = attrs.stride as number;
   const tiles = attrs.tiles as ConvTiles;
   const bias = inputs.length === 3;
   const { tm, tn, tk, rm, rn } = tiles;
-  const m = n * oh * ow;
+  // A transposed convolution runs its s^2 output phases as workgroup
+  // layers: the largest phase's rows and taps bound the dispatch and the
+  // reduction loop (uniform, as barriers need).
+  const phases = transposed ? stride * stride : 1;
+  const m = transposed
+    ? n * Math.ceil(oh / stride) * Math.ceil(ow / stride)
+    : n * oh * ow;
+  const k = transposed
+    ? Math.ceil(kh / stride) * Math.ceil(kw / stride) * cin
+    : kh * kw * cin;
   return {
     program: {
       variableNames: bias ? ["xin", "w", "bias"] : ["xin", "w"],
       variableComponents: bias ? [4, 4, 4] : [4, 4],
       outputComponent: 4,
-      shaderKey: `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}`,
+      shaderKey:
+        `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}_${transposed}`,
       uniforms:
         "h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kh : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
       outputShape: [n, oh, ow, cout],
       dispatchLayout: { x: [0] },
-      dispatch: [Math.ceil(cout / tn), Math.ceil(m / tm), 1],
+      dispatch: [Math.ceil(cout / tn), Math.ceil(m / tm), phases],
       workgroupSize: [(tm / rm) * (tn / rn), 1, 1],
-      getUserCode: () => convSource(tiles, bias, flip),
+      getUserCode: () => convSource(tiles, bias, flip, transposed),
     },
     uniforms: [
       h,
@@ -592,11 +665,11 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       cout / 4,
       kh,
       kw,
-      attrs.stride as number,
+      stride,
       attrs.padY as number,
       attrs.padX as number,
       m,
-      kh * kw * cin,
+      k,
     ].map((v) => ({ type: "int32" as const, data: [v] })),
   };
 });
@@ -619,6 +692,13 @@ export interface WebGpuConvOptions {
    * convolution with that kernel, without a copy of it.
    */
   flip?: boolean;
+  /**
+   * A transposed convolution (PyTorch's `ConvTranspose2d`, the adjoint of
+   * a convolution with this kernel, stride and `padY` = `padX` padding):
+   * the kernel is read as `[kh, kw, Cout, Cin]`, each of the stride^2
+   * output phases a stride-1 convolution with its share of the taps.
+   */
+  transposed?: boolean;
   /** Tiles; default {@linkcode DEFAULT_CONV_TILES}. */
   tiles?: ConvTiles;
 }
@@ -652,7 +732,7 @@ export function webgpuConv2d(
   options: WebGpuConvOptions,
 ): tf.Tensor4D {
   const [, , , cin] = x.shape;
-  const flip = options.flip === true;
+  const flip = options.flip === true || options.transposed === true;
   const [wc, cout] = flip ? [w.shape[3], w.shape[2]] : [w.shape[2], w.shape[3]];
   if (!webgpuConvApplies(cin, cout) || wc !== cin) {
     throw new RangeError(
@@ -670,6 +750,7 @@ export function webgpuConv2d(
     oh: options.oh,
     ow: options.ow,
     flip,
+    transposed: options.transposed === true,
     tiles: tiles as unknown as tf.NamedAttrMap[string],
   }) as tf.Tensor4D;
 }
