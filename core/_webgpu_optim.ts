@@ -264,7 +264,11 @@ export function flattenInOrder(
   keys: readonly string[],
 ): tf.Tensor1D {
   return tf.tidy(() => {
-    const parts = keys.map((k) => tf.reshape(grads.get(k)!, [-1]));
+    // (A vector needs no reshape: each would be one more tfjs kernel call.)
+    const parts = keys.map((k) => {
+      const t = grads.get(k)!;
+      return t.rank === 1 ? t : tf.reshape(t, [-1]);
+    });
     // tf.concat, not tf.addN-like kernels: tfjs's WebGPU Concat splits
     // inputs beyond its binding limit into rounds itself.
     return (parts.length === 1
