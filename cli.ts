@@ -860,12 +860,12 @@ async function trainLoop(
   );
   let smooth = 0;
   let weight = 0;
-  let ips = 0;
+  let spi = 0;
   const t0 = performance.now();
   const first = run.step;
   const line = (m: StepMetrics, loss: string, eta: string) =>
     `step ${m.step}/${total} loss ${loss} (last ${m.loss.toPrecision(3)}) ${
-      ips.toFixed(1)
+      (1 / spi).toFixed(1)
     } img/s elapsed ${fmtDuration(m.elapsedSec)} eta ${eta}`;
   const data = run.setup.data as unknown as DataDescription;
   Deno.addSignalListener("SIGINT", onSigint);
@@ -908,7 +908,11 @@ async function trainLoop(
       onStep: (m) => {
         weight = 0.98 * weight + 0.02;
         smooth = 0.98 * smooth + 0.02 * m.loss;
-        ips = ips === 0 ? m.imagesPerSec : 0.9 * ips + 0.1 * m.imagesPerSec;
+        // Averaged as seconds per image (a harmonic mean of the rates): a
+        // step whose work overlapped the one before (a step started ahead
+        // on WebGPU) reports a short interval, which must not swing it.
+        spi = spi === 0 ? 1 / m.imagesPerSec : 0.9 * spi + 0.1 / m.imagesPerSec;
+        const ips = 1 / spi;
         const session = (performance.now() - t0) / 1000;
         const rate = (m.step - first) / session;
         let eta = (total - m.step) / rate;
