@@ -10,6 +10,7 @@
 #      at base 64 (forward batch 16, training batch 64, DDIM 10 steps on 8
 #      images), then base 32 (DDPM_GPU_BASES sets the list, "" for none);
 #      With DDPM_GPU_BIG=1, base 64 again with batch 64 throughout;
+#      DDPM_GPU_ROUNDS=n measures each variant n times, interleaved (medians);
 #   3. with DDPM_GPU_V8=1, a V8 sampling profile of forward passes
 #      (v8.log.xz; read it with `node --prof-process`);
 #   4. (skipped with DDPM_GPU_CLI=0) the command line's main job on the GPU: a short training run on
@@ -87,7 +88,7 @@ for base in ${DDPM_GPU_BASES-64 32}; do
   # shellcheck disable=SC2086
   timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base "$base" --forward-batch 16 --train-batch 64 --sample-batch 8 \
-    --sample-steps 10 --reps 5 $torch_arg --json "$out/deno$base.json" \
+    --sample-steps 10 --reps 5 --rounds "${DDPM_GPU_ROUNDS:-1}" $torch_arg --json "$out/deno$base.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
   echo >> "$out/table.md"
 done
@@ -102,7 +103,7 @@ if [ -n "${DDPM_GPU_BIG:-}" ]; then
   # shellcheck disable=SC2086
   timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base 64 --forward-batch 64 --train-batch 64 --sample-batch 64 \
-    --sample-steps 10 --reps 5 $torch_arg --json "$out/deno64big.json" \
+    --sample-steps 10 --reps 5 --rounds "${DDPM_GPU_ROUNDS:-1}" $torch_arg --json "$out/deno64big.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
 fi
 

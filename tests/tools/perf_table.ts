@@ -8,6 +8,7 @@
  * deno run -A tests/tools/perf_table.ts --full          # the issue's sizes: base 64, training batch 64
  * deno run -A tests/tools/perf_table.ts --backends wasm,cpu,webgpu --json out.json
  * deno run -A tests/tools/perf_table.ts --torch out/torch.json   # add a PyTorch row (tests/reference/bench_reference.py)
+ * deno run -A tests/tools/perf_table.ts --rounds 3     # each variant 3 times, interleaved; medians
  * ```
  *
  * Each variant runs in its own process (tfjs picks the wasm build, threaded
@@ -126,6 +127,53 @@ async function timeLoop(
   for (let i = 0; i < reps; i++) await run();
   await sync();
   return (performance.now() - t0) / 1000 / reps;
+}
+
+/** Measure a variant in a process of its own; null if it failed. */
+async function measureInChild(
+  self: string,
+  v: Variant,
+  round: number,
+  rounds: number,
+): Promise<Result | null> {
+  console.error(
+    `measuring ${v.label}${
+      rounds > 1 ? ` (round ${round + 1}/${rounds})` : ""
+    } ...`,
+  );
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", self, "--one", JSON.stringify(v)],
+    env: v.env ?? {},
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout).trim().split("\n").pop();
+  if (!out.success || text === undefined || text === "") {
+    console.error(`  ${v.label} failed`);
+    return null;
+  }
+  const r = JSON.parse(text) as Result;
+  if (r.replayStats !== undefined) {
+    console.error(
+      `  replay: ${JSON.stringify(r.replayStats)}${
+        r.replayFallback ? `, ${r.replayFallback}` : ""
+      }`,
+    );
+  }
+  return r;
+}
+
+/** One variant's results over several rounds: the median of each timing, the largest peak RSS. */
+export function medianResult(rs: Result[]): Result {
+  const out: Result = { ...rs[0] };
+  for (
+    const key of ["forwardSeconds", "trainSeconds", "sampleSeconds"] as const
+  ) {
+    const v = rs.map((r) => r[key]).filter((x): x is number => x !== undefined);
+    if (v.length > 0) out[key] = median(v);
+  }
+  out.peakRssMB = Math.max(...rs.map((r) => r.peakRssMB));
+  return out;
 }
 
 /** Measure one variant in this process. */
@@ -350,6 +398,8 @@ OPTIONS
   --full              the issue's sizes: base 64, training batch 64
   --torch FILE        add PyTorch rows from bench_reference.py's JSON
   --json FILE         also write the results as JSON
+  --rounds N          measure every variant N times, interleaved, and report
+                      the median of each figure (default 1; for noisy hosts)
   --one JSON          measure one variant and print its result (internal)
   -h, --help          this help
 `;
@@ -370,6 +420,7 @@ async function main(args: string[]): Promise<number> {
       torch: { type: "string" },
       json: { type: "string" },
       one: { type: "string" },
+      rounds: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -476,31 +527,24 @@ async function main(args: string[]): Promise<number> {
     }
   }
   const self = fileURLToPath(import.meta.url);
-  const results: Result[] = [];
-  for (const v of variants) {
-    console.error(`measuring ${v.label} ...`);
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", self, "--one", JSON.stringify(v)],
-      env: v.env ?? {},
-      stdout: "piped",
-      stderr: "inherit",
-    }).output();
-    const text = new TextDecoder().decode(out.stdout).trim().split("\n").pop();
-    if (!out.success || text === undefined || text === "") {
-      console.error(`  ${v.label} failed`);
-      continue;
-    }
-    const r = JSON.parse(text) as Result;
-    if (r.replayStats !== undefined) {
-      console.error(
-        `  replay: ${JSON.stringify(r.replayStats)}${
-          r.replayFallback ? `, ${r.replayFallback}` : ""
-        }`,
-      );
-    }
-    results.push(r);
+  const rounds = Number(values.rounds ?? "1");
+  if (!(Number.isInteger(rounds) && rounds >= 1)) {
+    console.error(`--rounds must be a positive integer (got ${values.rounds})`);
+    return 2;
   }
+  // Round r measures every variant once, so that a host whose speed drifts
+  // (a shared VM) affects all of them alike; each figure is then the median
+  // over the rounds.
+  const perVariant: Result[][] = variants.map(() => []);
+  for (let round = 0; round < rounds; round++) {
+    for (const [i, v] of variants.entries()) {
+      const r = await measureInChild(self, v, round, rounds);
+      if (r !== null) perVariant[i].push(r);
+    }
+  }
+  const results = perVariant.filter((rs) => rs.length > 0).map(medianResult);
   const gemm = await nativeGemm();
+
   let torch: Record<string, number | string>[] = [];
   if (values.torch !== undefined) {
     try {
