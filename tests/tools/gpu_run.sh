@@ -86,7 +86,7 @@ for base in ${DDPM_GPU_BASES-64 32}; do
   torch_arg=""
   [ -f "$out/torch$base.json" ] && torch_arg="--torch $out/torch$base.json"
   # shellcheck disable=SC2086
-  timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
+  timeout $((240 * ${DDPM_GPU_ROUNDS:-1})) "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base "$base" --forward-batch 16 --train-batch 64 --sample-batch 8 \
     --sample-steps 10 --reps 5 --rounds "${DDPM_GPU_ROUNDS:-1}" $torch_arg --json "$out/deno$base.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
@@ -101,7 +101,7 @@ if [ -n "${DDPM_GPU_BIG:-}" ]; then
   torch_arg=""
   [ -f "$out/torch64big.json" ] && torch_arg="--torch $out/torch64big.json"
   # shellcheck disable=SC2086
-  timeout 240 "$deno" run -A out/gpu/perf_table.js --backends webgpu \
+  timeout $((240 * ${DDPM_GPU_ROUNDS:-1})) "$deno" run -A out/gpu/perf_table.js --backends webgpu \
     --base 64 --forward-batch 64 --train-batch 64 --sample-batch 64 \
     --sample-steps 10 --reps 5 --rounds "${DDPM_GPU_ROUNDS:-1}" $torch_arg --json "$out/deno64big.json" \
     | tee -a "$out/table.md" || echo "Deno WebGPU run failed"
