@@ -181,25 +181,16 @@ export async function initBackend(
   }
   if (name === "cpu" || name === "wasm") {
     const probe = await probeAdapter().catch(() => null);
-    if (await activate(name)) {
-      return {
-        backend: name,
-        adapter: probe?.description ?? null,
-        softwareAdapter: probe?.software ?? false,
-        fellBack: false,
-        reason: `${name} was asked for`,
-      };
-    }
-    if (name === "wasm" && await activate("cpu")) {
-      return {
-        backend: "cpu",
-        adapter: probe?.description ?? null,
-        softwareAdapter: probe?.software ?? false,
-        fellBack: true,
-        reason: "the wasm backend failed to start; using the cpu backend",
-      };
-    }
-    throw new Error(`Cannot initialise backend: ${name} failed to start`);
+    const backend = await activateCpuBackend(name);
+    return {
+      backend,
+      adapter: probe?.description ?? null,
+      softwareAdapter: probe?.software ?? false,
+      fellBack: backend !== name,
+      reason: backend === name
+        ? `${name} was asked for`
+        : "the wasm backend failed to start; using the cpu backend",
+    };
   }
   const probe = await probeAdapter();
   const wantGpu = name === "webgpu" || (probe !== null && !probe.software);
