@@ -430,7 +430,7 @@ const TRANSPOSED_GEOMETRY = `
     let strideP = 1;
     let padYP = khP - 1 - pa / s;
     let padXP = kwP - 1 - pb / s;
-    let mTotalP = uniforms.mTotal / (((uniforms.oh + s - 1) / s) * ((uniforms.ow + s - 1) / s)) * ohP * owP;
+    let mTotalP = uniforms.batch * ohP * owP;
     let kTotalP = khP * kwP * uniforms.cin;
     let tapStride = s;`;
 
@@ -654,7 +654,7 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       shaderKey:
         `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}_${transposed}`,
       uniforms:
-        "h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kh : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
+        "batch : i32, h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kh : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
       outputShape: [n, oh, ow, cout],
       dispatchLayout: { x: [0] },
       dispatch: [Math.ceil(cout / tn), Math.ceil(m / tm), phases],
@@ -662,6 +662,7 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       getUserCode: () => convSource(tiles, bias, flip, transposed),
     },
     uniforms: [
+      n,
       h,
       w,
       cin,
