@@ -22,8 +22,8 @@ import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
 import {
+  useWebGpuConv,
   webgpuConv2d,
-  webgpuConvApplies,
   webgpuFilterGrad,
 } from "./_webgpu_conv.ts";
 import { wasmFilterGrad, wasmKernelsReady } from "./_wasm_kernels.ts";
@@ -85,20 +85,6 @@ function customOp(
   return (...inputs) => op(...inputs) as tf.Tensor4D;
 }
 
-/** Whether the convolutions are switched to tfjs's own on WebGPU (`DDPM_WEBGPU_CONV=tfjs`). */
-const tfjsWebGpuConv = (() => {
-  try {
-    return Deno.env.get("DDPM_WEBGPU_CONV") === "tfjs";
-  } catch {
-    return false;
-  }
-})();
-
-/** Whether a convolution with these channel counts runs on our WebGPU kernel. */
-function ourWebGpuConv(cin: number, cout: number): boolean {
-  return !tfjsWebGpuConv && webgpuConvApplies(cin, cout);
-}
-
 /** Output size of a convolution along one axis, as PyTorch computes it. */
 function convOutSize(n: number, k: number, stride: number, pad: number) {
   return Math.floor((n + 2 * pad - k) / stride) + 1;
@@ -158,7 +144,7 @@ function adjoint(
   pad: number,
 ): tf.Tensor4D {
   const [kh, kw, cout, cin] = w.shape;
-  if (ourWebGpuConv(cin, cout)) {
+  if (useWebGpuConv(cin, cout)) {
     // At stride 1 a convolution of dy with the kernel flipped and its
     // channel axes swapped (read so by the program), padded by
     // kh - 1 - pad; at stride s the same per output phase, in one dispatch.
@@ -438,7 +424,7 @@ export function convForward(
   bias?: tf.Tensor,
 ): tf.Tensor4D {
   const [kh, kw, cin, cout] = w.shape;
-  if (ourWebGpuConv(cin, cout)) {
+  if (useWebGpuConv(cin, cout)) {
     return webgpuConv2d(x, w, {
       stride,
       padY: pad,

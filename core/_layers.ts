@@ -6,7 +6,7 @@
 import { tf } from "./backend.ts";
 import { spatialSum } from "./_reduce.ts";
 import { gpuNormAct, gpuNormGrad, gpuNormStats } from "./_webgpu_norm.ts";
-import { webgpuConv2d, webgpuConvApplies } from "./_webgpu_conv.ts";
+import { useWebGpuConv, webgpuConv2d } from "./_webgpu_conv.ts";
 import {
   wasmNormAct,
   wasmNormGradDx,
@@ -95,7 +95,7 @@ export function linear(
 ): tf.Tensor2D {
   const [m, k] = x.shape;
   const n = w.shape[1]!;
-  if (!webgpuConvApplies(k, n)) {
+  if (!useWebGpuConv(k, n)) {
     return tf.tidy(() => tf.add(tf.matMul(x, w as tf.Tensor2D), b));
   }
   // On WebGPU, x W + b and dx = dy W^T as 1x1 convolutions of ours (a

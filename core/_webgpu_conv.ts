@@ -721,6 +721,29 @@ export function webgpuConvApplies(cin: number, cout: number): boolean {
   return tf.getBackend() === "webgpu" && cin % 4 === 0 && cout % 4 === 0;
 }
 
+/** Whether the GEMM programs are switched off for tfjs's own kernels (`DDPM_WEBGPU_CONV=tfjs`). */
+const switchedToTfjs = (() => {
+  try {
+    return Deno.env.get("DDPM_WEBGPU_CONV") === "tfjs";
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * Whether ddpm's layers run a convolution (or a linear layer's product)
+ * with these channel counts on {@linkcode webgpuConv2d}: where it applies,
+ * unless `DDPM_WEBGPU_CONV=tfjs` switches every such use back to tfjs's
+ * kernels.
+ *
+ * @param cin Input channels.
+ * @param cout Output channels.
+ * @returns True to use the program.
+ */
+export function useWebGpuConv(cin: number, cout: number): boolean {
+  return !switchedToTfjs && webgpuConvApplies(cin, cout);
+}
+
 /**
  * A 2-D convolution (cross-correlation, NHWC) on WebGPU as an implicit
  * GEMM of ours: the input patches are gathered into workgroup memory tile
