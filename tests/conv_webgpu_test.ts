@@ -1,8 +1,8 @@
 /**
- * The WebGPU convolution programs of core/_webgpu_conv.ts against float64
- * loops of the definitions: the implicit-GEMM convolution (forward, and the
- * input gradient it computes at stride 1), and the weight gradient (a
- * split-K GEMM), the latter also against the existing path on the cpu
+ * The WebGPU convolution programs of core/_webgpu_conv.ts against the
+ * float64 definitions of tests/_conv_ref.ts: the implicit-GEMM convolution
+ * (forward, the input gradients, transposed convolutions, linear layers),
+ * and the weight gradient (a split-K GEMM), the latter also against the existing path on the cpu
  * backend (tfjs's conv2d over the batch axis). Skipped where no WebGPU
  * adapter exists; runs on Mesa's llvmpipe here.
  */
@@ -16,73 +16,10 @@ import {
   webgpuFilterGrad,
 } from "../core/_webgpu_conv.ts";
 import { randoms, relErr } from "./_util.ts";
+import { at4, naiveConv, naiveConvT, type Shape4, size } from "./_conv_ref.ts";
 
-type Shape4 = [number, number, number, number];
-
-const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
-const at4 = (s: number[], a: number, b: number, c: number, d: number) =>
-  ((a * s[1] + b) * s[2] + c) * s[3] + d;
 const outSize = (n: number, k: number, s: number, p: number) =>
   Math.floor((n + 2 * p - k) / s) + 1;
-
-/**
- * dW of conv2d(x, w, stride, pad) given the output gradient r, by the
- * definition in float64: dW[i, j, c, o] = sum x[n, y s + i - p, x s + j - p, c] r[n, y, x, o].
- */
-function naiveDw(
-  x: Float32Array,
-  xs: Shape4,
-  r: Float32Array,
-  rs: Shape4,
-  k: number,
-  stride: number,
-  pad: number,
-): Float64Array {
-  const [n, h, w, cin] = xs;
-  const [, oh, ow, cout] = rs;
-  const ws = [k, k, cin, cout];
-  const dw = new Float64Array(size(ws));
-  for (let b = 0; b < n; b++) {
-    for (let y = 0; y < oh; y++) {
-      for (let xo = 0; xo < ow; xo++) {
-        for (let i = 0; i < k; i++) {
-          const iy = y * stride + i - pad;
-          if (iy < 0 || iy >= h) continue;
-          for (let j = 0; j < k; j++) {
-            const ix = xo * stride + j - pad;
-            if (ix < 0 || ix >= w) continue;
-            for (let c = 0; c < cin; c++) {
-              const xv = x[at4(xs, b, iy, ix, c)];
-              for (let o = 0; o < cout; o++) {
-                dw[at4(ws, i, j, c, o)] += xv * r[at4(rs, b, y, xo, o)];
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-  return dw;
-}
-
-/**
- * dW of PyTorch's ConvTranspose2d (input pixel (iy, ix) scatters w[i, j, o, c]
- * into output (iy s + i - p, ix s + j - p)) given the output gradient r, in
- * float64. w is [k, k, Cout, Cin]. dW[i, j, o, c] = sum x[n, iy, ix, c]
- * r[n, iy s + i - p, ix s + j - p, o]: the convolution's definition with
- * the roles of input and output gradient swapped.
- */
-function naiveDwT(
-  x: Float32Array,
-  xs: Shape4,
-  r: Float32Array,
-  rs: Shape4,
-  k: number,
-  stride: number,
-  pad: number,
-): Float64Array {
-  return naiveDw(r, rs, x, xs, k, stride, pad);
-}
 
 interface Case {
   name: string;
@@ -281,7 +218,7 @@ Deno.test("webgpuFilterGrad matches the definition and the cpu backend's weight 
     const before = tf.memory().numTensors;
     for (const [i, c] of CASES.entries()) {
       const d = caseData(c, 10 * i);
-      const want = naiveDw(d.x, c.x, d.r, d.rs, c.k, c.stride, c.pad);
+      const want = naiveConv(d.x, c.x, d.w, d.ws, d.r, c.stride, c.pad).dw;
       const xt = tf.tensor4d(d.x, c.x);
       const rt = tf.tensor4d(d.r, d.rs);
       for (const chunk of c.chunks) {
@@ -317,13 +254,14 @@ Deno.test("conv2d and conv2dTranspose weight gradients on webgpu match the defin
     const onGpu = await gradsOnActive();
     for (const [i, c] of CASES.entries()) {
       const d = caseData(c, 10 * i);
-      const want = naiveDw(d.x, c.x, d.r, d.rs, c.k, c.stride, c.pad);
+      const want = naiveConv(d.x, c.x, d.w, d.ws, d.r, c.stride, c.pad).dw;
       assert.ok(relErr(onGpu[i], want) < 1e-5, `conv ${c.name} vs definition`);
       assert.ok(relErr(onGpu[i], onCpu[i]) < 1e-5, `conv ${c.name} vs cpu`);
     }
     for (const [i, c] of T_CASES.entries()) {
       const d = tCaseData(c, 500 + 10 * i);
-      const want = naiveDwT(d.x, c.x, d.r, d.rs, c.k, c.stride, c.pad);
+      const want = naiveConvT(d.x, c.x, d.w, d.ws, d.r, d.rs, c.stride, c.pad)
+        .dw;
       const j = CASES.length + i;
       const what = `transposed conv ${JSON.stringify(c)}`;
       assert.ok(relErr(onGpu[j], want) < 1e-5, `${what} vs definition`);
@@ -354,50 +292,6 @@ Deno.test("webgpuFilterGrad takes one dispatch when K fits one chunk, two when s
     await initBackend("cpu");
   }
 });
-
-/**
- * conv2d(x, w) + bias by the definition in float64, with `padY` rows above
- * and `padX` columns left of the input and an `oh` x `ow` output.
- */
-function naiveConv(
-  x: Float32Array,
-  xs: Shape4,
-  w: Float32Array,
-  ws: Shape4,
-  stride: number,
-  padY: number,
-  padX: number,
-  oh: number,
-  ow: number,
-  bias?: Float32Array,
-): Float64Array {
-  const [n, h, wd, cin] = xs;
-  const [kh, kw, , cout] = ws;
-  const ys: Shape4 = [n, oh, ow, cout];
-  const y = new Float64Array(size(ys));
-  for (let b = 0; b < n; b++) {
-    for (let oy = 0; oy < oh; oy++) {
-      for (let ox = 0; ox < ow; ox++) {
-        for (let o = 0; o < cout; o++) {
-          let acc = bias?.[o] ?? 0;
-          for (let i = 0; i < kh; i++) {
-            const iy = oy * stride + i - padY;
-            if (iy < 0 || iy >= h) continue;
-            for (let j = 0; j < kw; j++) {
-              const ix = ox * stride + j - padX;
-              if (ix < 0 || ix >= wd) continue;
-              for (let c = 0; c < cin; c++) {
-                acc += x[at4(xs, b, iy, ix, c)] * w[at4(ws, i, j, c, o)];
-              }
-            }
-          }
-          y[at4(ys, b, oy, ox, o)] = acc;
-        }
-      }
-    }
-  }
-  return y;
-}
 
 interface ConvCase {
   name: string;
@@ -474,17 +368,11 @@ Deno.test("webgpuConv2d matches the definition for every tiling: stride, padding
       const x = randoms(size(c.x), 900 + ci);
       const w = randoms(size(c.w), 950 + ci);
       const b = randoms(c.w[3], 990 + ci);
-      const want = naiveConv(
-        x,
-        c.x,
-        w,
-        c.w,
-        c.stride,
-        c.padY,
-        c.padX,
-        ...c.out,
-        c.bias ? b : undefined,
-      );
+      const want = naiveConv(x, c.x, w, c.w, null, c.stride, {
+        top: c.padY,
+        left: c.padX,
+        out: c.out,
+      }, c.bias ? b : undefined).y;
       // The same kernel stored [kh, kw, Cout, Cin], flipped: what `flip` reads.
       const [kh, kw, cin, cout] = c.w;
       const flipped = new Float32Array(w.length);
@@ -566,29 +454,7 @@ Deno.test("conv2d on webgpu runs the implicit-GEMM program forward and for the i
         names.join(", "),
       );
       const dx = await (profile.result as tf.Tensor).data() as Float32Array;
-      // dx[n, iy, ix, c] = sum r[n, y, x, o] w[i, j, c, o] over the
-      // (y, x, i, j) with y s + i - 1 = iy and x s + j - 1 = ix.
-      const want = new Float64Array(size(xs));
-      for (let b = 0; b < 2; b++) {
-        for (let y = 0; y < oh; y++) {
-          for (let xo = 0; xo < oh; xo++) {
-            for (let ki = 0; ki < 3; ki++) {
-              const iy = y * stride + ki - 1;
-              if (iy < 0 || iy >= 6) continue;
-              for (let kj = 0; kj < 3; kj++) {
-                const ix = xo * stride + kj - 1;
-                if (ix < 0 || ix >= 6) continue;
-                for (let c = 0; c < 8; c++) {
-                  for (let o = 0; o < 12; o++) {
-                    want[at4(xs, b, iy, ix, c)] += r[at4(rs, b, y, xo, o)] *
-                      w[at4(ws, ki, kj, c, o)];
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
+      const want = naiveConv(x, xs, w, ws, r, stride, 1).dx;
       assert.ok(relErr(dx, want) < 1e-5, `dx at stride ${stride}`);
       tf.dispose([xt, wt, rt, profile.result as tf.Tensor]);
     }
@@ -669,28 +535,7 @@ Deno.test("webgpuConv2d's transposed mode matches PyTorch's ConvTranspose2d by t
       const x = randoms(size(xs), 700 + ci);
       const w = randoms(size(ws), 710 + ci);
       const ys: Shape4 = [xs[0], out[0], out[1], cout];
-      // out[n, iy s + i - p, ix s + j - p, o] += x[n, iy, ix, c] w[i, j, o, c].
-      const want = new Float64Array(size(ys));
-      for (let b = 0; b < xs[0]; b++) {
-        for (let iy = 0; iy < xs[1]; iy++) {
-          for (let ix = 0; ix < xs[2]; ix++) {
-            for (let i = 0; i < k; i++) {
-              const oy = iy * stride + i - pad;
-              if (oy < 0 || oy >= out[0]) continue;
-              for (let j = 0; j < k; j++) {
-                const ox = ix * stride + j - pad;
-                if (ox < 0 || ox >= out[1]) continue;
-                for (let o = 0; o < cout; o++) {
-                  for (let c = 0; c < cin; c++) {
-                    want[at4(ys, b, oy, ox, o)] += x[at4(xs, b, iy, ix, c)] *
-                      w[at4(ws, i, j, o, c)];
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
+      const want = naiveConvT(x, xs, w, ws, null, ys, stride, pad).y;
       const xt = tf.tensor4d(x, xs);
       const wt = tf.tensor4d(w, ws);
       for (const tiles of CONV_TILES.slice(0, 2)) {
