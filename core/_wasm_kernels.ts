@@ -49,6 +49,38 @@ interface Kernels {
     wp: number,
     pc: number,
   ): void;
+  wino_in(
+    xp: number,
+    v: number,
+    hp: number,
+    wp: number,
+    c: number,
+    th: number,
+    tw: number,
+    t0: number,
+    nt: number,
+  ): void;
+  wino_gemm(
+    v: number,
+    u: number,
+    m: number,
+    nt: number,
+    c: number,
+    co: number,
+  ): void;
+  wino_out(
+    m: number,
+    y: number,
+    bias: number,
+    nt: number,
+    co: number,
+    h: number,
+    w: number,
+    th: number,
+    tw: number,
+    t0: number,
+    hasBias: number,
+  ): void;
   norm_stats(
     x: number,
     mean: number,
@@ -187,6 +219,109 @@ register("DdpmFilterGrad", (b, k, { x, dy }, { kh, kw }, at) => {
   );
   return out;
 });
+
+/** Input channels per block of Winograd's transformed input (tests/tools/wasm_kernels.ts). */
+const WINO_KC = 64;
+
+/** Tiles per chunk: its transformed input and products, about 384 KB, stay in L2. */
+export function winogradChunk(c: number, co: number): number {
+  const kc = Math.ceil(c / WINO_KC) * WINO_KC;
+  return Math.max(6, 6 * Math.floor(6144 / (kc + co) / 6));
+}
+
+register("DdpmWinograd", (b, k, { x, u, bias }, { h, w, nt: ntAttr }, at) => {
+  const [n, hp, wp, c] = x.shape;
+  const co = u.shape[2];
+  const th = (hp - 2) / 2;
+  const tw = (wp - 2) / 2;
+  const tiles = n * th * tw;
+  const nt = Math.min(ntAttr || winogradChunk(c, co), tiles);
+  const kc = Math.ceil(c / WINO_KC) * WINO_KC;
+  const out = b.makeOutput([n, h, w, co], "float32");
+  const v = b.makeOutput([16 * kc * nt], "float32");
+  const m = b.makeOutput([16 * nt * co], "float32");
+  const [px, pv, pu, pm, py] = [x, v, u, m, out].map(at);
+  const pb = bias === undefined ? 0 : at(bias);
+  for (let t0 = 0; t0 < tiles; t0 += nt) {
+    const len = Math.min(nt, tiles - t0);
+    k.wino_in(px, pv, hp, wp, c, th, tw, t0, len);
+    k.wino_gemm(pv, pu, pm, len, c, co);
+    k.wino_out(
+      pm,
+      py,
+      pb,
+      len,
+      co,
+      h,
+      w,
+      th,
+      tw,
+      t0,
+      bias === undefined ? 0 : 1,
+    );
+  }
+  b.disposeData(v.dataId);
+  b.disposeData(m.dataId);
+  return out;
+});
+
+/** `G (x) G` as a [16, 9] matrix: row 4p + q, column 3i + j holds G[p][i] G[q][j]. */
+const WINO_G = (() => {
+  const g = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]];
+  const k = new Float32Array(16 * 9);
+  for (let p = 0; p < 4; p++) {
+    for (let q = 0; q < 4; q++) {
+      for (let i = 0; i < 3; i++) {
+        for (let j = 0; j < 3; j++) {
+          k[(p * 4 + q) * 9 + i * 3 + j] = g[p][i] * g[q][j];
+        }
+      }
+    }
+  }
+  return k;
+})();
+
+/**
+ * `conv2d(x, w, 1, 1) (+ bias)` for a 3 x 3 kernel on the wasm backend, by
+ * Winograd's F(2x2, 3x3) (Lavin and Gray 2016): 2.25x fewer multiplies
+ * than the direct convolution, at a rounding error of the same order
+ * (every transform's coefficients are 0, +-1/2 and +-1). Null where it does
+ * not apply (another backend, Cin not a multiple of 4, Cout not a multiple
+ * of 8, no relaxed SIMD), for the caller to use tfjs's.
+ *
+ * @param x Input `[N, H, W, Cin]`.
+ * @param w Kernel `[3, 3, Cin, Cout]`.
+ * @param bias Optional `[Cout]`.
+ * @param nt Tiles per chunk (0: sized for L2; for tests and tuning).
+ * @returns `[N, H, W, Cout]`, or null.
+ */
+export function wasmConv3x3(
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  bias?: tf.Tensor,
+  nt = 0,
+): tf.Tensor4D | null {
+  const [kh, kw, ci, co] = w.shape;
+  if (
+    kh !== 3 || kw !== 3 || ci % 4 !== 0 || co % 8 !== 0 || x.size === 0 ||
+    !wasmKernelsReady()
+  ) return null;
+  return tf.tidy(() => {
+    const [, h, wd] = x.shape;
+    const xp = tf.pad(x, [[0, 0], [1, 1 + (h % 2)], [1, 1 + (wd % 2)], [0, 0]]);
+    const u = tf.reshape(
+      tf.matMul(tf.tensor2d(WINO_G, [16, 9]), tf.reshape(w, [9, ci * co])),
+      [16, ci, co],
+    );
+    const inputs: Record<string, tf.Tensor> = { x: xp, u };
+    if (bias !== undefined) inputs.bias = bias;
+    return tf.engine().runKernel("DdpmWinograd", inputs, {
+      h,
+      w: wd,
+      nt,
+    }) as tf.Tensor4D;
+  });
+}
 
 register("DdpmNormStats", (b, k, { x }, { groups, eps }, at) => {
   const [n, h, w, c] = x.shape;

@@ -40,6 +40,7 @@ export interface WasmBackendLike {
   };
   dataIdMap: { get(dataId: object): { memoryOffset: number } };
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
+  disposeData(dataId: object): boolean;
 }
 
 /**

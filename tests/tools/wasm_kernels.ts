@@ -140,6 +140,279 @@ const DRIVER = `
     (br $chunks))))
 `;
 
+/**
+ * Input channels per block of Winograd's transformed input: a block's rows
+ * are `WINO_KC` floats apart, a constant offset in the micro-kernel.
+ */
+export const WINO_KC = 64;
+
+/**
+ * The micro-kernel of Winograd's products for `mr` rows (tiles):
+ * `C[mr x 8] += sum over len of A[r][k] B[k][0..8)`, A's rows `WINO_KC`
+ * floats apart and its columns contiguous, B's rows and C's rows `sb`
+ * bytes apart.
+ */
+function winoKernel(mr: number): string {
+  const rows = [...Array(mr).keys()];
+  const cRow = (r: number) =>
+    `(i32.add (local.get $c) (i32.mul (local.get $sb) (i32.const ${r})))`;
+  return [
+    `(func $g${mr} (param $a i32) (param $b i32) (param $c i32) (param $len i32) (param $sb i32)`,
+    ...rows.map((r) => `(local $c${r}0 v128) (local $c${r}1 v128)`),
+    `(local $b0 v128) (local $b1 v128) (local $s v128)`,
+    ...rows.map((r) =>
+      `(local.set $c${r}0 (v128.load ${
+        cRow(r)
+      })) (local.set $c${r}1 (v128.load offset=16 ${cRow(r)}))`
+    ),
+    `(loop $k`,
+    `(local.set $b0 (v128.load (local.get $b))) (local.set $b1 (v128.load offset=16 (local.get $b)))`,
+    ...rows.flatMap((r) => [
+      `(local.set $s (v128.load32_splat offset=${
+        4 * WINO_KC * r
+      } (local.get $a)))`,
+      `(local.set $c${r}0 (f32x4.relaxed_madd (local.get $s) (local.get $b0) (local.get $c${r}0)))`,
+      `(local.set $c${r}1 (f32x4.relaxed_madd (local.get $s) (local.get $b1) (local.get $c${r}1)))`,
+    ]),
+    `(local.set $a (i32.add (local.get $a) (i32.const 4)))`,
+    `(local.set $b (i32.add (local.get $b) (local.get $sb)))`,
+    `(br_if $k (local.tee $len (i32.sub (local.get $len) (i32.const 1)))))`,
+    ...rows.map((r) =>
+      `(v128.store ${cRow(r)} (local.get $c${r}0)) (v128.store offset=16 ${
+        cRow(r)
+      } (local.get $c${r}1))`
+    ),
+    `)`,
+  ].join("\n");
+}
+
+/** `f32x4` sum or difference of two locals. */
+const f4 = (op: "add" | "sub", a: string, b: string) =>
+  `(f32x4.${op} (local.get $${a}) (local.get $${b}))`;
+
+/**
+ * Winograd's F(2x2, 3x3) convolution (stride 1, a 3 x 3 kernel), in three
+ * kernels over a chunk of `nt` 2 x 2 output tiles, four channels per
+ * vector; the caller transforms the kernel (`U = G g G^T`, a product) and
+ * loops over the chunks:
+ *
+ * - `wino_in(xp, v, hp, wp, c, th, tw, t0, nt)`: `V = B^T d B` for the
+ *   4 x 4 input patch d of each tile t0 .. t0 + nt of the padded input xp
+ *   `[N, hp, wp, c]` (th x tw tiles an image), laid `[16][c / KC][nt][KC]`;
+ * - `wino_gemm(v, u, m, nt, c, co)`: `M[xi] = V[xi] U[xi]` for the 16
+ *   points xi, U `[16][c][co]`, M `[16][nt][co]` (overwritten);
+ * - `wino_out(m, y, bias, nt, co, h, w, th, tw, t0, hasBias)`: `Y = A^T M
+ *   A` (+ bias) into the output `[N, h, w, co]`, cutting tiles that cross
+ *   its bottom or right edge.
+ *
+ * With `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; .5 .5
+ * .5; .5 -.5 .5; 0 0 1]` and `A^T = [1 1 1 0; 0 1 -1 -1]` (Lavin and Gray
+ * 2016), a tile's products take 16 multiplies per channel pair where the
+ * direct convolution takes 36.
+ */
+function winograd(): string {
+  const idx = [0, 1, 2, 3];
+  const d = (i: number, j: number) => `d${i}${j}`;
+  const e = (i: number, j: number) => `e${i}${j}`;
+  // b(x) = (x0 - x2, x1 + x2, x2 - x1, x1 - x3), along j then along i.
+  const bt = (x: (k: number) => string) => [
+    f4("sub", x(0), x(2)),
+    f4("add", x(1), x(2)),
+    f4("sub", x(2), x(1)),
+    f4("sub", x(1), x(3)),
+  ];
+  const inLocals = idx.flatMap((i) =>
+    idx.map((j) => `(local $${d(i, j)} v128) (local $${e(i, j)} v128)`)
+  ).join(" ");
+  const loads = idx.flatMap((i) =>
+    idx.map((j) =>
+      `(local.set $${
+        d(i, j)
+      } (v128.load (i32.add (local.get $src) (i32.add (i32.mul (local.get $rowb) (i32.const ${i})) (i32.mul (local.get $pixb) (i32.const ${j}))))))`
+    )
+  );
+  const rowsT = idx.flatMap((i) =>
+    bt((j) => d(i, j)).map((v, j) => `(local.set $${e(i, j)} ${v})`)
+  );
+  const stores = idx.flatMap((j) =>
+    bt((i) => e(i, j)).map((v, p) =>
+      `(v128.store (i32.add (local.get $dst) (i32.mul (local.get $xs) (i32.const ${
+        p * 4 + j
+      }))) ${v})`
+    )
+  );
+  // a(x) = (x0 + x1 + x2, x1 - x2 - x3), along q then along p.
+  const mLocals = idx.flatMap((p) => idx.map((q) => `(local $m${p}${q} v128)`))
+    .join(" ");
+  const mLoads = idx.flatMap((p) =>
+    idx.map((q) =>
+      `(local.set $m${p}${q} (v128.load (i32.add (local.get $src) (i32.mul (local.get $xs) (i32.const ${
+        p * 4 + q
+      })))))`
+    )
+  );
+  const rLocals = idx.flatMap((p) =>
+    [0, 1].map((b) => `(local $r${p}${b} v128)`)
+  ).join(" ");
+  const rSet = idx.flatMap((p) => [
+    `(local.set $r${p}0 (f32x4.add ${
+      f4("add", `m${p}0`, `m${p}1`)
+    } (local.get $m${p}2)))`,
+    `(local.set $r${p}1 (f32x4.sub ${
+      f4("sub", `m${p}1`, `m${p}2`)
+    } (local.get $m${p}3)))`,
+  ]);
+  const yOut = (a: number, b: number) => {
+    const v = a === 0
+      ? `(f32x4.add (f32x4.add ${
+        f4("add", `r0${b}`, `r1${b}`)
+      } (local.get $r2${b})) (local.get $bv))`
+      : `(f32x4.add (f32x4.sub ${
+        f4("sub", `r1${b}`, `r2${b}`)
+      } (local.get $r3${b})) (local.get $bv))`;
+    const inside = [
+      a === 1 ? "(local.get $iny)" : "",
+      b === 1 ? "(local.get $inx)" : "",
+    ].filter(Boolean);
+    const store =
+      `(v128.store (i32.add (local.get $dst) (i32.add (i32.mul (local.get $rowb) (i32.const ${a})) (i32.mul (local.get $pixb) (i32.const ${b})))) ${v})`;
+    if (inside.length === 0) return store;
+    const cond = inside.length === 2
+      ? `(i32.and ${inside[0]} ${inside[1]})`
+      : inside[0];
+    return `(if ${cond} (then ${store}))`;
+  };
+  // t -> (image n, tile row ty, tile column tx).
+  const tileCoords = `
+      (local.set $t (i32.add (local.get $t0) (local.get $l)))
+      (local.set $img (i32.div_u (local.get $t) (i32.mul (local.get $th) (local.get $tw))))
+      (local.set $rem (i32.rem_u (local.get $t) (i32.mul (local.get $th) (local.get $tw))))
+      (local.set $ty (i32.div_u (local.get $rem) (local.get $tw)))
+      (local.set $tx (i32.rem_u (local.get $rem) (local.get $tw)))`;
+  const gemmCall = (mr: number) =>
+    `(call $g${mr} (i32.add (local.get $ap) (i32.mul (local.get $r0) (i32.const ${
+      4 * WINO_KC
+    }))) (i32.add (local.get $bp) (i32.shl (local.get $ob) (i32.const 2))) (i32.add (local.get $cp) (i32.shl (local.get $ob) (i32.const 2))) (local.get $klen) (local.get $sb))`;
+  return `
+(func (export "wino_in") (param $xp i32) (param $v i32) (param $hp i32) (param $wp i32) (param $c i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
+  (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
+  (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
+  ${inLocals}
+  (local.set $pixb (i32.shl (local.get $c) (i32.const 2)))
+  (local.set $rowb (i32.mul (local.get $wp) (local.get $pixb)))
+  ;; bytes between two points xi of V: (c / KC rounded up) nt KC floats
+  (local.set $xs (i32.mul (i32.mul (i32.div_u (i32.add (local.get $c) (i32.const ${
+    WINO_KC - 1
+  })) (i32.const ${WINO_KC})) (local.get $nt)) (i32.const ${4 * WINO_KC})))
+  (block $ldone (loop $tiles
+    (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
+    ${tileCoords}
+    (local.set $base (i32.add (local.get $xp) (i32.add
+      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $hp)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $rowb))
+      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $pixb)))))
+    (local.set $cc (i32.const 0))
+    (block $cdone (loop $chans
+      (br_if $cdone (i32.ge_u (local.get $cc) (local.get $c)))
+      (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
+      ;; V[xi][cc / KC][l][cc % KC]
+      (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add
+        (i32.mul (i32.add (i32.mul (i32.shr_u (local.get $cc) (i32.const ${
+    Math.log2(WINO_KC)
+  })) (local.get $nt)) (local.get $l)) (i32.const ${WINO_KC}))
+        (i32.and (local.get $cc) (i32.const ${WINO_KC - 1}))) (i32.const 2))))
+      ${loads.join("\n      ")}
+      ${rowsT.join("\n      ")}
+      ${stores.join("\n      ")}
+      (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
+      (br $chans)))
+    (local.set $l (i32.add (local.get $l) (i32.const 1)))
+    (br $tiles))))
+
+(func (export "wino_gemm") (param $v i32) (param $u i32) (param $m i32) (param $nt i32) (param $c i32) (param $co i32)
+  (local $xi i32) (local $kb i32) (local $klen i32) (local $ap i32) (local $bp i32) (local $cp i32)
+  (local $ob i32) (local $r0 i32) (local $mr i32) (local $sb i32)
+  (local.set $sb (i32.shl (local.get $co) (i32.const 2)))
+  (memory.fill (local.get $m) (i32.const 0) (i32.mul (i32.mul (local.get $nt) (local.get $sb)) (i32.const 16)))
+  (block $xdone (loop $points
+    (br_if $xdone (i32.ge_u (local.get $xi) (i32.const 16)))
+    (local.set $cp (i32.add (local.get $m) (i32.mul (i32.mul (local.get $xi) (local.get $nt)) (local.get $sb))))
+    (local.set $kb (i32.const 0))
+    (block $kdone (loop $kblocks
+      (br_if $kdone (i32.ge_u (local.get $kb) (local.get $c)))
+      (local.set $klen (i32.sub (local.get $c) (local.get $kb)))
+      (if (i32.gt_u (local.get $klen) (i32.const ${WINO_KC})) (then (local.set $klen (i32.const ${WINO_KC}))))
+      ;; V[xi][kb / KC]: rows of KC floats
+      (local.set $ap (i32.add (local.get $v) (i32.shl (i32.mul (i32.add
+        (i32.mul (local.get $xi) (i32.div_u (i32.add (local.get $c) (i32.const ${
+    WINO_KC - 1
+  })) (i32.const ${WINO_KC})))
+        (i32.div_u (local.get $kb) (i32.const ${WINO_KC}))) (i32.mul (local.get $nt) (i32.const ${WINO_KC}))) (i32.const 2))))
+      ;; U[xi][kb]
+      (local.set $bp (i32.add (local.get $u) (i32.mul (i32.add (i32.mul (local.get $xi) (local.get $c)) (local.get $kb)) (local.get $sb))))
+      (local.set $ob (i32.const 0))
+      (block $odone (loop $oblocks
+        (br_if $odone (i32.ge_u (local.get $ob) (local.get $co)))
+        (local.set $r0 (i32.const 0))
+        (block $rdone (loop $rblocks
+          (br_if $rdone (i32.ge_u (local.get $r0) (local.get $nt)))
+          (local.set $mr (i32.sub (local.get $nt) (local.get $r0)))
+          (if (i32.gt_u (local.get $mr) (i32.const 6)) (then (local.set $mr (i32.const 6))))
+          (block $d (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
+            (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
+            ${gemmCall(6)} (br $d))
+            ${gemmCall(5)} (br $d))
+            ${gemmCall(4)} (br $d))
+            ${gemmCall(3)} (br $d))
+            ${gemmCall(2)} (br $d))
+            ${gemmCall(1)})
+          (local.set $cp (i32.add (local.get $cp) (i32.mul (local.get $mr) (local.get $sb))))
+          (local.set $r0 (i32.add (local.get $r0) (local.get $mr)))
+          (br $rblocks)))
+        (local.set $cp (i32.sub (local.get $cp) (i32.mul (local.get $nt) (local.get $sb))))
+        (local.set $ob (i32.add (local.get $ob) (i32.const 8)))
+        (br $oblocks)))
+      (local.set $kb (i32.add (local.get $kb) (i32.const ${WINO_KC})))
+      (br $kblocks)))
+    (local.set $xi (i32.add (local.get $xi) (i32.const 1)))
+    (br $points))))
+
+(func (export "wino_out") (param $m i32) (param $y i32) (param $bias i32) (param $nt i32) (param $co i32) (param $h i32) (param $w i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $hasBias i32)
+  (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
+  (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
+  (local $iny i32) (local $inx i32) (local $bv v128)
+  ${mLocals} ${rLocals}
+  (local.set $pixb (i32.shl (local.get $co) (i32.const 2)))
+  (local.set $rowb (i32.mul (local.get $w) (local.get $pixb)))
+  (local.set $xs (i32.mul (local.get $nt) (local.get $pixb)))
+  (block $ldone (loop $tiles
+    (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
+    ${tileCoords}
+    (local.set $iny (i32.lt_u (i32.add (i32.shl (local.get $ty) (i32.const 1)) (i32.const 1)) (local.get $h)))
+    (local.set $inx (i32.lt_u (i32.add (i32.shl (local.get $tx) (i32.const 1)) (i32.const 1)) (local.get $w)))
+    (local.set $base (i32.add (local.get $y) (i32.add
+      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $h)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $rowb))
+      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $pixb)))))
+    (local.set $cc (i32.const 0))
+    (block $cdone (loop $chans
+      (br_if $cdone (i32.ge_u (local.get $cc) (local.get $co)))
+      (local.set $src (i32.add (local.get $m) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $co)) (local.get $cc)) (i32.const 2))))
+      (local.set $dst (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
+      (local.set $bv (if (result v128) (local.get $hasBias)
+        (then (v128.load (i32.add (local.get $bias) (i32.shl (local.get $cc) (i32.const 2)))))
+        (else (v128.const i32x4 0 0 0 0))))
+      ${mLoads.join("\n      ")}
+      ${rSet.join("\n      ")}
+      ${yOut(0, 0)}
+      ${yOut(0, 1)}
+      ${yOut(1, 0)}
+      ${yOut(1, 1)}
+      (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
+      (br $chans)))
+    (local.set $l (i32.add (local.get $l) (i32.const 1)))
+    (br $tiles))))
+`;
+}
+
 /** Cephes's expf polynomial on [-ln2/2, ln2/2], highest degree first. */
 const EXP_POLY = [
   1.9875691500e-4,
@@ -436,8 +709,11 @@ const NORM_GRAD = [
  */
 export function kernelsWat(shared: boolean): string {
   const memory = shared ? "(memory 1 65536 shared)" : "(memory 1)";
-  const kernels = [1, 2, 3, 4, 5, 6].map(microKernel).join("\n");
-  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${NORM}\n${NORM_ACT}\n${NORM_GRAD})`;
+  const kernels = [1, 2, 3, 4, 5, 6].flatMap((mr) => [
+    microKernel(mr),
+    winoKernel(mr),
+  ]).join("\n");
+  return `(module (import "env" "memory" ${memory})\n${kernels}\n${DRIVER}\n${winograd()}\n${NORM}\n${NORM_ACT}\n${NORM_GRAD})`;
 }
 
 /**
