@@ -26,7 +26,11 @@ import {
   webgpuConv2d,
   webgpuFilterGrad,
 } from "./_webgpu_conv.ts";
-import { wasmFilterGrad, wasmKernelsReady } from "./_wasm_kernels.ts";
+import {
+  wasmConv3x3,
+  wasmFilterGrad,
+  wasmKernelsReady,
+} from "./_wasm_kernels.ts";
 
 type Shape4 = [number, number, number, number];
 type ExplicitPadding = [
@@ -172,6 +176,13 @@ function adjoint(
   }
   if (tf.getBackend() !== "wasm") {
     return tf.conv2dTranspose(dy, w, outShape, stride, pad);
+  }
+  if (
+    stride === 1 && pad === 1 && outShape[1] === dy.shape[1] &&
+    outShape[2] === dy.shape[2]
+  ) {
+    const dx = wasmConv3x3(dy, w, { flip: true });
+    if (dx !== null) return dx;
   }
   return tf.tidy(() => {
     const [n, h, wd] = dy.shape;
@@ -433,6 +444,10 @@ export function convForward(
       ow: convOutSize(x.shape[2], kw, stride, pad),
       bias,
     });
+  }
+  if (stride === 1 && pad === 1) {
+    const y = wasmConv3x3(x, w, { bias });
+    if (y !== null) return y;
   }
   const padding = pad === 0 ? "valid" : spatialPadding(pad, pad, pad, pad);
   return bias === undefined

@@ -281,6 +281,24 @@ const WINO_G = (() => {
   return k;
 })();
 
+/** The kernel of {@linkcode WINO_G} with its taps in reverse order (a flipped kernel). */
+const WINO_G_FLIPPED = WINO_G.map((_, e) =>
+  WINO_G[Math.floor(e / 9) * 9 + 8 - (e % 9)]
+);
+
+/** Options of {@linkcode wasmConv3x3}. */
+export interface Conv3x3Options {
+  /** `[Cout]`, added to every output pixel. */
+  bias?: tf.Tensor;
+  /**
+   * Convolve with the kernel turned by 180 degrees and its channel axes
+   * swapped: the input gradient of `conv2d(., w, 1, 1)`, given w.
+   */
+  flip?: boolean;
+  /** Tiles per chunk (0: sized for L2; for tests and tuning). */
+  nt?: number;
+}
+
 /**
  * `conv2d(x, w, 1, 1) (+ bias)` for a 3 x 3 kernel on the wasm backend, by
  * Winograd's F(2x2, 3x3) (Lavin and Gray 2016): 2.25x fewer multiplies
@@ -290,18 +308,18 @@ const WINO_G = (() => {
  * of 8, no relaxed SIMD), for the caller to use tfjs's.
  *
  * @param x Input `[N, H, W, Cin]`.
- * @param w Kernel `[3, 3, Cin, Cout]`.
- * @param bias Optional `[Cout]`.
- * @param nt Tiles per chunk (0: sized for L2; for tests and tuning).
+ * @param w Kernel `[3, 3, Cin, Cout]` (`[3, 3, Cout, Cin]` when flipped).
+ * @param options Bias, flip, chunk size.
  * @returns `[N, H, W, Cout]`, or null.
  */
 export function wasmConv3x3(
   x: tf.Tensor4D,
   w: tf.Tensor4D,
-  bias?: tf.Tensor,
-  nt = 0,
+  { bias, flip = false, nt = 0 }: Conv3x3Options = {},
 ): tf.Tensor4D | null {
-  const [kh, kw, ci, co] = w.shape;
+  const [kh, kw] = w.shape;
+  // Flipped: w is [3, 3, Cout, Cin].
+  const [ci, co] = flip ? [w.shape[3], w.shape[2]] : [w.shape[2], w.shape[3]];
   if (
     kh !== 3 || kw !== 3 || ci % 4 !== 0 || co % 8 !== 0 || x.size === 0 ||
     !wasmKernelsReady()
@@ -309,8 +327,12 @@ export function wasmConv3x3(
   return tf.tidy(() => {
     const [, h, wd] = x.shape;
     const xp = tf.pad(x, [[0, 0], [1, 1 + (h % 2)], [1, 1 + (wd % 2)], [0, 0]]);
+    const g = flip ? tf.transpose(w, [0, 1, 3, 2]) : w;
     const u = tf.reshape(
-      tf.matMul(tf.tensor2d(WINO_G, [16, 9]), tf.reshape(w, [9, ci * co])),
+      tf.matMul(
+        tf.tensor2d(flip ? WINO_G_FLIPPED : WINO_G, [16, 9]),
+        tf.reshape(g, [9, ci * co]),
+      ),
       [16, ci, co],
     );
     const inputs: Record<string, tf.Tensor> = { x: xp, u };

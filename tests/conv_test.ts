@@ -52,6 +52,14 @@ const CONV_CASES: ConvCase[] = [
   { x: [2, 7, 6, 4], k: 3, cout: 8, stride: 1, pad: 0 },
   { x: [1, 6, 5, 3], k: 4, cout: 8, stride: 1, pad: 2 },
   { x: [3, 20, 20, 6], k: 3, cout: 8, stride: 1, pad: 1 },
+  // 3x3, stride 1, padding 1, Cin a multiple of 4 and Cout of 8: on wasm
+  // the value by Winograd's F(2x2, 3x3), and the input gradient too where
+  // Cin is a multiple of 8 (odd sizes cut the last tiles; 72 channels make
+  // two blocks of the transformed input, the second partial).
+  { x: [2, 8, 8, 8], k: 3, cout: 16, stride: 1, pad: 1 },
+  { x: [1, 7, 5, 16], k: 3, cout: 8, stride: 1, pad: 1 },
+  { x: [2, 6, 6, 72], k: 3, cout: 8, stride: 1, pad: 1 },
+  { x: [1, 5, 6, 8], k: 3, cout: 72, stride: 1, pad: 1 },
   // Strided, Cout a multiple of 8: the same kernel phase by phase (a
   // column of pixels left over, a padding wider than the phase, a crop).
   { x: [2, 9, 9, 5], k: 3, cout: 8, stride: 2, pad: 1 },

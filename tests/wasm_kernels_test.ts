@@ -2,7 +2,15 @@ import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d } from "../core/_conv.ts";
 import { groupNorm, groupNormSilu } from "../core/_layers.ts";
-import { evalInChild, groupNormF64, lastJson, randoms } from "./_util.ts";
+import { wasmConv3x3 } from "../core/_wasm_kernels.ts";
+import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
+import {
+  evalInChild,
+  groupNormF64,
+  lastJson,
+  randoms,
+  relErr,
+} from "./_util.ts";
 import { assembleKernels, BIN_PATH, binSource } from "./tools/wasm_kernels.ts";
 
 Deno.test("the committed wasm kernels are the ones tests/tools/wasm_kernels.ts assembles from its text", async () => {
@@ -247,6 +255,84 @@ Deno.test("on wasm, GroupNorm (+ SiLU)'s gradient runs ddpm's two kernels and ma
   await initBackend("cpu");
 });
 
+Deno.test("on wasm, Winograd's F(2x2, 3x3) matches a float64 convolution, with a bias, flipped, in chunks of any size, and leaves other shapes to tfjs", async () => {
+  await initBackend("wasm");
+  const before = tf.memory().numTensors;
+  const cases: { xs: Shape4; co: number; nt: number }[] = [
+    { xs: [2, 5, 7, 4], co: 8, nt: 0 }, // odd sizes: tiles cut at both edges
+    { xs: [3, 8, 8, 64], co: 24, nt: 5 }, // chunks of 5 tiles: 1-5 rows per block
+    { xs: [2, 6, 9, 132], co: 16, nt: 7 }, // 3 channel blocks, the last of 4
+    { xs: [1, 1, 1, 8], co: 8, nt: 0 }, // one pixel: one tile, three quarters cut
+    { xs: [2, 4, 4, 12], co: 8, nt: 1 },
+  ];
+  for (const [i, { xs, co, nt }] of cases.entries()) {
+    const ci = xs[3];
+    const x = randoms(size(xs), 10 * i);
+    const w = randoms(9 * ci * co, 10 * i + 1);
+    const bias = randoms(co, 10 * i + 2);
+    const ws: Shape4 = [3, 3, ci, co];
+    const want = naiveConv(x, xs, w, ws, null, 1, 1, bias).y;
+    const [xt, wt, bt] = [
+      tf.tensor4d(x, xs),
+      tf.tensor4d(w, ws),
+      tf.tensor1d(bias),
+    ];
+    const y = wasmConv3x3(xt, wt, { bias: bt, nt })!;
+    assert.ok(
+      relErr(await y.data(), want) < 3e-6,
+      `${xs} -> ${co}, nt ${nt}`,
+    );
+    // Flipped: w read as [3, 3, Cout, Cin] turned by 180 degrees, i.e. the
+    // convolution whose kernel is wf[i, j, o, c] = w[2 - i, 2 - j, c, o].
+    if (co % 4 === 0 && ci % 8 === 0) {
+      const wf = new Float32Array(w.length);
+      for (let a = 0; a < 9; a++) {
+        for (let c = 0; c < ci; c++) {
+          for (let o = 0; o < co; o++) {
+            wf[(a * ci + c) * co + o] = w[((8 - a) * ci + c) * co + o];
+          }
+        }
+      }
+      // The flipped kernel convolves a Cout-channel input into Cin channels.
+      const ys: Shape4 = [xs[0], xs[1], xs[2], co];
+      const yIn = randoms(size(ys), 10 * i + 3);
+      const wantF =
+        naiveConv(yIn, ys, swapIo(wf, ci, co), [3, 3, co, ci], null, 1, 1).y;
+      const yt = tf.tensor4d(yIn, ys);
+      const f = wasmConv3x3(yt, wt, { flip: true, nt })!;
+      assert.ok(relErr(await f.data(), wantF) < 3e-6, `flipped ${xs} -> ${co}`);
+      tf.dispose([yt, f]);
+    }
+    tf.dispose([xt, wt, bt, y]);
+  }
+  // Not for Winograd: Cin not a multiple of 4, Cout not of 8, a 1x1 kernel.
+  const notOurs: [Shape4, Shape4][] = [
+    [[1, 4, 4, 6], [3, 3, 6, 8]],
+    [[1, 4, 4, 8], [3, 3, 8, 12]],
+    [[1, 4, 4, 8], [1, 1, 8, 8]],
+  ];
+  for (const [xs, ws] of notOurs) {
+    const [x, w] = [tf.zeros(xs), tf.zeros(ws)] as tf.Tensor4D[];
+    assert.equal(wasmConv3x3(x, w), null, `${xs} * ${ws}`);
+    tf.dispose([x, w]);
+  }
+  assert.equal(tf.memory().numTensors, before);
+  await initBackend("cpu");
+});
+
+/** A [9, a, b] kernel with its channel axes swapped: [9, b, a]. */
+function swapIo(w: Float32Array, a: number, b: number): Float32Array {
+  const out = new Float32Array(w.length);
+  for (let t = 0; t < 9; t++) {
+    for (let i = 0; i < a; i++) {
+      for (let j = 0; j < b; j++) {
+        out[(t * b + j) * a + i] = w[(t * a + i) * b + j];
+      }
+    }
+  }
+  return out;
+}
+
 Deno.test("DDPM_WASM_KERNELS=0 switches ddpm's wasm kernels off: tfjs's ops give the same gradients", async () => {
   const url = (p: string) => new URL(p, import.meta.url).href;
   const code = `
@@ -283,6 +369,7 @@ Deno.test("DDPM_WASM_KERNELS=0 switches ddpm's wasm kernels off: tfjs's ops give
       "DdpmNormGradDx",
       "DdpmNormGradSums",
       "DdpmNormStats",
+      "DdpmWinograd",
     ],
   );
   assert.deepEqual(off.ours, []);
