@@ -28,6 +28,24 @@
  */
 import { tf } from "./backend.ts";
 import { KERNELS_PLAIN, KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
+import {
+  CHUNKS,
+  CONTROL_SLOTS,
+  DONE,
+  FAILED,
+  JOB,
+  MAX_HELPERS,
+  NEXT,
+  READY,
+  runChunks,
+  SCRATCH,
+  TAKEN,
+  type WinogradJob,
+  type WinogradKernels,
+  writeJob,
+} from "./_wasm_winograd.ts";
+import { wasmThreads } from "./wasm_threads.ts";
+import workerThreads from "node:worker_threads";
 // Also replaces tfjs's wasm Slice, SplitV and Unpack (see that module).
 import {
   heapOffset,
@@ -36,7 +54,7 @@ import {
 } from "./_wasm_slice.ts";
 
 /** The exports of ddpm's wasm kernels. */
-interface Kernels {
+interface Kernels extends WinogradKernels {
   filter_grad(
     x: number,
     dy: number,
@@ -48,38 +66,6 @@ interface Kernels {
     kw: number,
     wp: number,
     pc: number,
-  ): void;
-  wino_in(
-    xp: number,
-    v: number,
-    hp: number,
-    wp: number,
-    c: number,
-    th: number,
-    tw: number,
-    t0: number,
-    nt: number,
-  ): void;
-  wino_gemm(
-    v: number,
-    u: number,
-    m: number,
-    nt: number,
-    c: number,
-    co: number,
-  ): void;
-  wino_out(
-    m: number,
-    y: number,
-    bias: number,
-    nt: number,
-    co: number,
-    h: number,
-    w: number,
-    th: number,
-    tw: number,
-    t0: number,
-    hasBias: number,
   ): void;
   norm_stats(
     x: number,
@@ -229,6 +215,80 @@ export function winogradChunk(c: number, co: number): number {
   return Math.max(6, 6 * Math.floor(6144 / (kc + co) / 6));
 }
 
+/** Helper threads of the Winograd convolution, and their control block. */
+interface Helpers {
+  ctrl: Int32Array;
+  count: number;
+}
+
+/** Helpers per tfjs wasm module (null: none, the build is single-threaded). */
+const helperPools = new WeakMap<object, Helpers | null>();
+
+/**
+ * The helper threads for the backend's module: in tfjs's threaded build,
+ * one fewer than its threads, started on first use (they take chunks once
+ * they have started; until then the caller computes alone).
+ */
+function helpersOf(b: WasmBackendLike): Helpers | null {
+  const mod = b.wasm;
+  if (helperPools.has(mod)) return helperPools.get(mod)!;
+  let pool: Helpers | null = null;
+  const memory = mod.wasmMemory;
+  const count = Math.min(wasmThreads(), MAX_HELPERS + 1) - 1;
+  if (
+    count > 0 && memory instanceof WebAssembly.Memory &&
+    memory.buffer instanceof SharedArrayBuffer
+  ) {
+    try {
+      const ctrl = new Int32Array(
+        new SharedArrayBuffer(4 * CONTROL_SLOTS),
+      );
+      for (let i = 0; i < count; i++) {
+        const worker = new workerThreads.Worker(
+          new URL("./_wasm_helper_worker.ts", import.meta.url),
+        );
+        worker.postMessage({ memory, ctrl: ctrl.buffer, index: i });
+        worker.unref();
+      }
+      pool = { ctrl, count };
+    } catch {
+      pool = null;
+    }
+  }
+  helperPools.set(mod, pool);
+  return pool;
+}
+
+/**
+ * Chunks of Winograd convolutions that helper threads have computed on the
+ * active wasm backend so far (0 without helpers): for tests.
+ *
+ * @returns The count.
+ */
+export function winogradHelperChunks(): number {
+  const pool = helperPools.get(
+    (tf.backend() as unknown as WasmBackendLike).wasm,
+  );
+  let sum = 0;
+  for (let i = 0; i < (pool?.count ?? 0); i++) {
+    sum += Atomics.load(pool!.ctrl, CHUNKS + i);
+  }
+  return sum;
+}
+
+/** Block until `ctrl[slot]` is `value` (spinning where this thread may not wait). */
+function waitFor(ctrl: Int32Array, slot: number, value: number): void {
+  for (;;) {
+    const now = Atomics.load(ctrl, slot);
+    if (now === value) return;
+    try {
+      Atomics.wait(ctrl, slot, now, 100);
+    } catch {
+      // A browser's main thread: spin.
+    }
+  }
+}
+
 register("DdpmWinograd", (b, k, { x, u, bias }, { h, w, nt: ntAttr }, at) => {
   const [n, hp, wp, c] = x.shape;
   const co = u.shape[2];
@@ -237,31 +297,66 @@ register("DdpmWinograd", (b, k, { x, u, bias }, { h, w, nt: ntAttr }, at) => {
   const tiles = n * th * tw;
   const nt = Math.min(ntAttr || winogradChunk(c, co), tiles);
   const kc = Math.ceil(c / WINO_KC) * WINO_KC;
+  const helpers = tiles > nt ? helpersOf(b) : null;
+  const threads = 1 + (helpers?.count ?? 0);
   const out = b.makeOutput([n, h, w, co], "float32");
-  const v = b.makeOutput([16 * kc * nt], "float32");
-  const m = b.makeOutput([16 * nt * co], "float32");
-  const [px, pv, pu, pm, py] = [x, v, u, m, out].map(at);
-  const pb = bias === undefined ? 0 : at(bias);
-  for (let t0 = 0; t0 < tiles; t0 += nt) {
-    const len = Math.min(nt, tiles - t0);
-    k.wino_in(px, pv, hp, wp, c, th, tw, t0, len);
-    k.wino_gemm(pv, pu, pm, len, c, co);
-    k.wino_out(
-      pm,
-      py,
-      pb,
-      len,
-      co,
-      h,
-      w,
-      th,
-      tw,
-      t0,
-      bias === undefined ? 0 : 1,
+  const scratch: tf.TensorInfo[] = [];
+  for (let i = 0; i < threads; i++) {
+    scratch.push(
+      b.makeOutput([16 * kc * nt], "float32"),
+      b.makeOutput([16 * nt * co], "float32"),
     );
   }
-  b.disposeData(v.dataId);
-  b.disposeData(m.dataId);
+  // Offsets after every allocation (the heap may have grown).
+  const job: WinogradJob = {
+    x: at(x),
+    u: at(u),
+    y: at(out),
+    bias: bias === undefined ? 0 : at(bias),
+    hp,
+    wp,
+    c,
+    co,
+    h,
+    w,
+    th,
+    tw,
+    tiles,
+    nt,
+  };
+  const [v, m] = [at(scratch[0]), at(scratch[1])];
+  if (helpers === null) {
+    runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
+  } else {
+    const ctrl = helpers.ctrl;
+    writeJob(ctrl, job);
+    for (let i = 0; i < helpers.count; i++) {
+      ctrl[SCRATCH + 2 * i] = at(scratch[2 + 2 * i]);
+      ctrl[SCRATCH + 2 * i + 1] = at(scratch[3 + 2 * i]);
+    }
+    Atomics.store(ctrl, NEXT, 0);
+    const id = Atomics.load(ctrl, JOB) + 1;
+    // Helpers not started yet sit this job out.
+    const started: number[] = [];
+    for (let i = 0; i < helpers.count; i++) {
+      if (Atomics.load(ctrl, READY + i) === 1) started.push(i);
+      else Atomics.store(ctrl, TAKEN + i, id);
+    }
+    Atomics.store(ctrl, JOB, id);
+    Atomics.notify(ctrl, JOB);
+    runChunks(k, job, ctrl, v, m);
+    // Cancel for the helpers that have not claimed the job; wait for the others.
+    for (const i of started) {
+      if (Atomics.compareExchange(ctrl, TAKEN + i, id - 1, id) !== id - 1) {
+        waitFor(ctrl, DONE + i, id);
+      }
+    }
+    if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
+      for (const t of scratch) b.disposeData(t.dataId);
+      throw new Error("a Winograd helper thread failed");
+    }
+  }
+  for (const t of scratch) b.disposeData(t.dataId);
   return out;
 });
 

@@ -1,7 +1,14 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { setWasmThreads } from "../core/wasm_threads.ts";
-import { type ChildRun, evalInChild, lastJson } from "./_util.ts";
+import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
+import {
+  type ChildRun,
+  evalInChild,
+  lastJson,
+  randoms,
+  relErr,
+} from "./_util.ts";
 
 /** What the child prints. */
 interface ChildOut {
@@ -81,6 +88,54 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's w
   }
   const got = b.dw[(4 * 16 + c) * 24 + o];
   assert.ok(Math.abs(got - want) < 1e-4, `dW centre tap: ${got} vs ${want}`);
+});
+
+Deno.test("with DDPM_WASM_THREADS=2 a helper thread takes chunks of ddpm's Winograd convolutions: values and input gradients match float64, and the process exits by itself", async () => {
+  const url = (p: string) => new URL(p, import.meta.url).href;
+  const xs: Shape4 = [3, 30, 32, 16];
+  const ws: Shape4 = [3, 3, 16, 24];
+  const ys: Shape4 = [3, 30, 32, 24];
+  const [x, w, r] = [
+    randoms(size(xs), 1),
+    randoms(size(ws), 2),
+    randoms(size(ys), 3),
+  ];
+  const code = `
+    import { initBackend, tf } from "${url("../core/backend.ts")}";
+    import { conv2d } from "${url("../core/_conv.ts")}";
+    import { winogradHelperChunks } from "${url("../core/_wasm_kernels.ts")}";
+    await initBackend("wasm");
+    import { randoms } from "${url("./_util.ts")}";
+    const [x, w, r] = [randoms(${size(xs)}, 1), randoms(${
+    size(ws)
+  }, 2), randoms(${size(ys)}, 3)];
+    const xt = tf.tensor4d(x, ${JSON.stringify(xs)});
+    const wt = tf.tensor4d(w, ${JSON.stringify(ws)});
+    const rt = tf.tensor4d(r, ${JSON.stringify(ys)});
+    const f = tf.valueAndGrad((xi) => tf.sum(tf.mul(conv2d(xi, wt, 1, 1), rt)));
+    // The helper takes chunks once it has started.
+    let y, dx, calls = 0;
+    do {
+      tf.dispose([y, dx]);
+      y = conv2d(xt, wt, 1, 1);
+      dx = f(xt).grad;
+      calls++;
+    } while (winogradHelperChunks() === 0 && calls < 500);
+    console.log(JSON.stringify({
+      chunks: winogradHelperChunks(),
+      y: Array.from(await y.data()),
+      dx: Array.from(await dx.data()),
+    }));
+  `;
+  const out = await evalInChild(code, { DDPM_WASM_THREADS: "2" });
+  assert.equal(out.code, 0, out.stderr);
+  const got = lastJson<{ chunks: number; y: number[]; dx: number[] }>(
+    out.stdout,
+  );
+  assert.ok(got.chunks > 0, "the helper computed no chunk");
+  const want = naiveConv(x, xs, w, ws, r, 1, 1);
+  assert.ok(relErr(got.y, want.y) < 3e-6, `y: ${relErr(got.y, want.y)}`);
+  assert.ok(relErr(got.dx, want.dx) < 3e-6, `dx: ${relErr(got.dx, want.dx)}`);
 });
 
 Deno.test("setWasmThreads rejects counts outside 1..8", () => {
