@@ -55,6 +55,37 @@ import {
 
 /** The exports of ddpm's wasm kernels. */
 interface Kernels extends WinogradKernels {
+  wgrad_in(
+    xp: number,
+    v: number,
+    hp: number,
+    wp: number,
+    c: number,
+    th: number,
+    tw: number,
+    t0: number,
+    nt: number,
+  ): void;
+  wgrad_dy(
+    dy: number,
+    d: number,
+    h: number,
+    w: number,
+    co: number,
+    th: number,
+    tw: number,
+    t0: number,
+    nt: number,
+  ): void;
+  wgrad_gemm(
+    v: number,
+    d: number,
+    m: number,
+    nt: number,
+    c: number,
+    co: number,
+  ): void;
+  wgrad_out(m: number, dw: number, c: number, co: number): void;
   filter_grad(
     x: number,
     dy: number,
@@ -360,6 +391,38 @@ register("DdpmWinograd", (b, k, { x, u, bias }, { h, w, nt: ntAttr }, at) => {
   return out;
 });
 
+/** Tiles per chunk of the Winograd weight gradient: both transforms, about 512 KB. */
+export function winogradGradChunk(c: number, co: number): number {
+  return Math.max(24, Math.min(240, 6 * Math.floor(8192 / (c + co) / 6)));
+}
+
+register("DdpmWinogradGrad", (b, k, { x, dy }, { nt: ntAttr }, at) => {
+  const [n, hp, wp, c] = x.shape;
+  const co = dy.shape[3];
+  const th = (hp - 2) / 2;
+  const tw = (wp - 2) / 2;
+  const tiles = n * th * tw;
+  const nt = Math.min(ntAttr || winogradGradChunk(c, co), tiles);
+  const out = b.makeOutput([3, 3, c, co], "float32");
+  const scratch = [
+    b.makeOutput([16 * nt * c], "float32"),
+    b.makeOutput([16 * nt * co], "float32"),
+    b.makeOutput([16 * c * co], "float32"),
+  ];
+  const [px, pdy, pw] = [x, dy, out].map(at);
+  const [pv, pd, pm] = scratch.map(at);
+  b.wasm.HEAPU8.fill(0, pm, pm + 64 * c * co);
+  for (let t0 = 0; t0 < tiles; t0 += nt) {
+    const len = Math.min(nt, tiles - t0);
+    k.wgrad_in(px, pv, hp, wp, c, th, tw, t0, len);
+    k.wgrad_dy(pdy, pd, 2 * th, 2 * tw, co, th, tw, t0, len);
+    k.wgrad_gemm(pv, pd, pm, len, c, co);
+  }
+  k.wgrad_out(pm, pw, c, co);
+  for (const t of scratch) b.disposeData(t.dataId);
+  return out;
+});
+
 /** `G (x) G` as a [16, 9] matrix: row 4p + q, column 3i + j holds G[p][i] G[q][j]. */
 const WINO_G = (() => {
   const g = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]];
@@ -554,6 +617,9 @@ export function wasmFilterGrad(
   pad: number,
 ): tf.Tensor4D | null {
   if (dy.shape[3] % 8 !== 0 || !wasmKernelsReady()) return null;
+  if (kh === 3 && kw === 3 && pad === 1 && input.shape[3] % 4 === 0) {
+    return wasmConv3x3FilterGrad(input, dy);
+  }
   return tf.tidy(() => {
     const x = pad > 0
       ? tf.pad(input, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
@@ -564,6 +630,35 @@ export function wasmFilterGrad(
     return tf.engine().runKernel("DdpmFilterGrad", { x, dy: g }, {
       kh,
       kw,
+    }) as tf.Tensor4D;
+  });
+}
+
+/**
+ * The gradient of `conv2d(input, w, 1, 1)` with respect to its `[3, 3,
+ * Cin, Cout]` kernel by Winograd's F(3x3, 2x2) (see
+ * tests/tools/wasm_kernels.ts), for Cin a multiple of 4 and Cout of 8 on
+ * the wasm backend (the caller checks).
+ *
+ * @param input The convolution's input `[N, H, W, Cin]`.
+ * @param dy The gradient of its output `[N, H, W, Cout]`.
+ * @param nt Tiles per chunk (0: sized for L2; for tests and tuning).
+ * @returns dW `[3, 3, Cin, Cout]`.
+ */
+export function wasmConv3x3FilterGrad(
+  input: tf.Tensor4D,
+  dy: tf.Tensor4D,
+  nt = 0,
+): tf.Tensor4D {
+  return tf.tidy(() => {
+    const [, h, w] = input.shape;
+    const [oddH, oddW] = [h % 2, w % 2];
+    const x = tf.pad(input, [[0, 0], [1, 1 + oddH], [1, 1 + oddW], [0, 0]]);
+    const g = oddH + oddW > 0
+      ? tf.pad(dy, [[0, 0], [0, oddH], [0, oddW], [0, 0]])
+      : dy;
+    return tf.engine().runKernel("DdpmWinogradGrad", { x, dy: g }, {
+      nt,
     }) as tf.Tensor4D;
   });
 }

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d } from "../core/_conv.ts";
 import { groupNorm, groupNormSilu } from "../core/_layers.ts";
-import { wasmConv3x3 } from "../core/_wasm_kernels.ts";
+import { wasmConv3x3, wasmConv3x3FilterGrad } from "../core/_wasm_kernels.ts";
 import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
 import {
   evalInChild,
@@ -28,9 +28,10 @@ async function weightGrad(
   x: tf.Tensor4D,
   w: tf.Tensor4D,
   stride: number,
+  pad = 1,
 ): Promise<{ names: string[]; dw: Float32Array }> {
   const info = await tf.profile(() =>
-    tf.grad((v) => tf.sum(conv2d(x, v as tf.Tensor4D, stride, 1)))(w)
+    tf.grad((v) => tf.sum(conv2d(x, v as tf.Tensor4D, stride, pad)))(w)
   );
   const result = info.result as tf.Tensor;
   const dw = await result.data() as Float32Array;
@@ -320,6 +321,65 @@ Deno.test("on wasm, Winograd's F(2x2, 3x3) matches a float64 convolution, with a
   await initBackend("cpu");
 });
 
+Deno.test("on wasm, the Winograd weight gradient F(3x3, 2x2) matches a float64 one, in chunks of any size, and conv2d's gradient runs it for 3x3, stride 1, padding 1, Cin a multiple of 4", async () => {
+  await initBackend("wasm");
+  const before = tf.memory().numTensors;
+  const cases: { xs: Shape4; co: number; nt: number }[] = [
+    { xs: [2, 5, 7, 4], co: 8, nt: 0 }, // odd sizes: dy padded to whole tiles
+    { xs: [3, 8, 8, 64], co: 24, nt: 5 }, // ragged chunks
+    { xs: [2, 6, 9, 132], co: 16, nt: 7 }, // channel blocks of 6 and a rest of 0
+    { xs: [1, 1, 1, 8], co: 8, nt: 0 }, // one pixel
+    { xs: [2, 4, 4, 12], co: 8, nt: 1 },
+  ];
+  for (const [i, { xs, co, nt }] of cases.entries()) {
+    const ws: Shape4 = [3, 3, xs[3], co];
+    const ys: Shape4 = [xs[0], xs[1], xs[2], co];
+    const [x, w, r] = [
+      randoms(size(xs), 20 * i),
+      randoms(size(ws), 20 * i + 1),
+      randoms(size(ys), 20 * i + 2),
+    ];
+    const want = naiveConv(x, xs, w, ws, r, 1, 1).dw;
+    const [xt, rt] = [tf.tensor4d(x, xs), tf.tensor4d(r, ys)];
+    const dw = wasmConv3x3FilterGrad(xt, rt, nt);
+    assert.ok(relErr(await dw.data(), want) < 3e-6, `${xs} -> ${co}, nt ${nt}`);
+    tf.dispose([xt, rt, dw]);
+  }
+  // Routing: Cin 8 runs it; Cin 6, stride 2 and padding 0 do not.
+  for (
+    const [cin, stride, pad, ours] of [
+      [8, 1, 1, true],
+      [6, 1, 1, false],
+      [8, 2, 1, false],
+      [8, 1, 0, false],
+    ] as const
+  ) {
+    const x = tf.randomNormal(
+      [2, 6, 6, cin],
+      0,
+      1,
+      "float32",
+      1,
+    ) as tf.Tensor4D;
+    const w = tf.randomNormal(
+      [3, 3, cin, 8],
+      0,
+      1,
+      "float32",
+      2,
+    ) as tf.Tensor4D;
+    const { names } = await weightGrad(x, w, stride, pad);
+    assert.equal(
+      names.includes("DdpmWinogradGrad"),
+      ours,
+      `Cin ${cin}, stride ${stride}, pad ${pad}: ${names.join(" ")}`,
+    );
+    tf.dispose([x, w]);
+  }
+  assert.equal(tf.memory().numTensors, before);
+  await initBackend("cpu");
+});
+
 /** A [9, a, b] kernel with its channel axes swapped: [9, b, a]. */
 function swapIo(w: Float32Array, a: number, b: number): Float32Array {
   const out = new Float32Array(w.length);
@@ -370,6 +430,7 @@ Deno.test("DDPM_WASM_KERNELS=0 switches ddpm's wasm kernels off: tfjs's ops give
       "DdpmNormGradSums",
       "DdpmNormStats",
       "DdpmWinograd",
+      "DdpmWinogradGrad",
     ],
   );
   assert.deepEqual(off.ours, []);

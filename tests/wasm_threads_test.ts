@@ -44,7 +44,7 @@ function child(threads: string): Promise<ChildRun> {
     const r = tf.tensor4d(Array.from({ length: 2 * 9 * 9 * 24 }, (_, i) => Math.sin(7 * i)), [2, 9, 9, 24]);
     const prof = await tf.profile(() => tf.grad((v) => tf.sum(tf.mul(conv2d(x, v, 1, 1), r)))(w));
     const dw = Array.from(await prof.result.data());
-    const ours = prof.kernelNames.includes("DdpmFilterGrad");
+    const ours = prof.kernelNames.includes("DdpmWinogradGrad");
     console.log(JSON.stringify({ backend: tf.getBackend(), threads: wasmThreads(), conv, mm, dw, ours }));
   `;
   return evalInChild(code, { DDPM_WASM_THREADS: threads });
@@ -60,7 +60,10 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's w
   assert.equal(b.backend, "wasm");
   assert.equal(a.threads, 1);
   assert.equal(b.threads, 2);
-  assert.ok(a.ours && b.ours, "the weight gradient is ddpm's wasm kernel's");
+  assert.ok(
+    a.ours && b.ours,
+    "the weight gradient is ddpm's Winograd kernel's",
+  );
   // XNNPACK splits the work across threads, not the sums: equal up to rounding.
   for (const key of ["conv", "mm", "dw"] as const) {
     const x = a[key];

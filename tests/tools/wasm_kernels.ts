@@ -289,21 +289,34 @@ function winograd(): string {
       (local.set $rem (i32.rem_u (local.get $t) (i32.mul (local.get $th) (local.get $tw))))
       (local.set $ty (i32.div_u (local.get $rem) (local.get $tw)))
       (local.set $tx (i32.rem_u (local.get $rem) (local.get $tw)))`;
-  const gemmCall = (mr: number) =>
-    `(call $g${mr} (i32.add (local.get $ap) (i32.mul (local.get $r0) (i32.const ${
-      4 * WINO_KC
-    }))) (i32.add (local.get $bp) (i32.shl (local.get $ob) (i32.const 2))) (i32.add (local.get $cp) (i32.shl (local.get $ob) (i32.const 2))) (local.get $klen) (local.get $sb))`;
-  return `
-(func (export "wino_in") (param $xp i32) (param $v i32) (param $hp i32) (param $wp i32) (param $c i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
+  /**
+   * The input transform, its output V laid `[16][c / KC][nt][KC]` when
+   * `packed` (rows of a block a constant KC floats apart, for the forward
+   * product), else `[16][nt][c]` (for the weight gradient's).
+   */
+  const inputTransform = (name: string, packed: boolean) => {
+    const xsSet = packed
+      ? `;; bytes between two points xi of V: (c / KC rounded up) nt KC floats
+  (local.set $xs (i32.mul (i32.mul (i32.div_u (i32.add (local.get $c) (i32.const ${
+        WINO_KC - 1
+      })) (i32.const ${WINO_KC})) (local.get $nt)) (i32.const ${4 * WINO_KC})))`
+      : `(local.set $xs (i32.mul (local.get $nt) (local.get $pixb)))`;
+    const dstSet = packed
+      ? `;; V[xi][cc / KC][l][cc % KC]
+      (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add
+        (i32.mul (i32.add (i32.mul (i32.shr_u (local.get $cc) (i32.const ${
+        Math.log2(WINO_KC)
+      })) (local.get $nt)) (local.get $l)) (i32.const ${WINO_KC}))
+        (i32.and (local.get $cc) (i32.const ${WINO_KC - 1}))) (i32.const 2))))`
+      : `;; V[xi][l][cc]
+      (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $c)) (local.get $cc)) (i32.const 2))))`;
+    return `(func (export "${name}") (param $xp i32) (param $v i32) (param $hp i32) (param $wp i32) (param $c i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
   (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
   (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
   ${inLocals}
   (local.set $pixb (i32.shl (local.get $c) (i32.const 2)))
   (local.set $rowb (i32.mul (local.get $wp) (local.get $pixb)))
-  ;; bytes between two points xi of V: (c / KC rounded up) nt KC floats
-  (local.set $xs (i32.mul (i32.mul (i32.div_u (i32.add (local.get $c) (i32.const ${
-    WINO_KC - 1
-  })) (i32.const ${WINO_KC})) (local.get $nt)) (i32.const ${4 * WINO_KC})))
+  ${xsSet}
   (block $ldone (loop $tiles
     (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
     ${tileCoords}
@@ -314,12 +327,7 @@ function winograd(): string {
     (block $cdone (loop $chans
       (br_if $cdone (i32.ge_u (local.get $cc) (local.get $c)))
       (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
-      ;; V[xi][cc / KC][l][cc % KC]
-      (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add
-        (i32.mul (i32.add (i32.mul (i32.shr_u (local.get $cc) (i32.const ${
-    Math.log2(WINO_KC)
-  })) (local.get $nt)) (local.get $l)) (i32.const ${WINO_KC}))
-        (i32.and (local.get $cc) (i32.const ${WINO_KC - 1}))) (i32.const 2))))
+      ${dstSet}
       ${loads.join("\n      ")}
       ${rowsT.join("\n      ")}
       ${stores.join("\n      ")}
@@ -328,6 +336,14 @@ function winograd(): string {
     (local.set $l (i32.add (local.get $l) (i32.const 1)))
     (br $tiles))))
 
+`;
+  };
+  const gemmCall = (mr: number) =>
+    `(call $g${mr} (i32.add (local.get $ap) (i32.mul (local.get $r0) (i32.const ${
+      4 * WINO_KC
+    }))) (i32.add (local.get $bp) (i32.shl (local.get $ob) (i32.const 2))) (i32.add (local.get $cp) (i32.shl (local.get $ob) (i32.const 2))) (local.get $klen) (local.get $sb))`;
+  return `
+${inputTransform("wino_in", true)}
 (func (export "wino_gemm") (param $v i32) (param $u i32) (param $m i32) (param $nt i32) (param $c i32) (param $co i32)
   (local $xi i32) (local $kb i32) (local $klen i32) (local $ap i32) (local $bp i32) (local $cp i32)
   (local $ob i32) (local $r0 i32) (local $mr i32) (local $sb i32)
@@ -410,6 +426,173 @@ function winograd(): string {
       (br $chans)))
     (local.set $l (i32.add (local.get $l) (i32.const 1)))
     (br $tiles))))
+
+${inputTransform("wgrad_in", false)}
+${weightGradient()}
+`;
+}
+
+/**
+ * Winograd's F(3x3, 2x2) for the weight gradient of a 3 x 3, stride-1,
+ * padding-1 convolution: per 2 x 2 tile of the output gradient g and the
+ * 4 x 4 patch d of the padded input under it, `dW += G^T [(A g A^T) (.)
+ * (B^T d B)] G` with F(2x2, 3x3)'s matrices (the transposition principle:
+ * `sum_a y_a g_a` of F(2, 3) is linear in its kernel, whose gradient is
+ * F(3, 2)). The products, 16 per tile and channel pair where the direct
+ * sum takes 36, are GEMMs over the tiles through the weight gradient's
+ * micro-kernel:
+ *
+ * - `wgrad_in`: the input transform, V laid `[16][nt][c]`;
+ * - `wgrad_dy(dy, d, h, w, co, th, tw, t0, nt)`: `A g A^T` for the tiles
+ *   t0 .. t0 + nt of dy `[N, h, w, co]` (h = 2 th, w = 2 tw), D laid
+ *   `[16][nt][co]`;
+ * - `wgrad_gemm(v, d, m, nt, c, co)`: `M[xi] += V[xi]^T D[xi]`, M
+ *   `[16][c][co]`, summed over chunks (zero it first);
+ * - `wgrad_out(m, dw, c, co)`: `dW = G^T M G` into dW `[3, 3, c, co]`.
+ */
+function weightGradient(): string {
+  const idx = [0, 1, 2, 3];
+  // A g (A = [1 0; 1 1; 1 -1; 0 -1]) along b, then along a.
+  const ag = (x: (k: number) => string) => [
+    `(local.get $${x(0)})`,
+    f4("add", x(0), x(1)),
+    f4("sub", x(0), x(1)),
+    `(f32x4.neg (local.get $${x(1)}))`,
+  ];
+  const gLoads = [0, 1].flatMap((a) =>
+    [0, 1].map((b) =>
+      `(local.set $g${a}${b} (v128.load (i32.add (local.get $src) (i32.add (i32.mul (local.get $rowb) (i32.const ${a})) (i32.mul (local.get $pixb) (i32.const ${b}))))))`
+    )
+  );
+  const hSet = [0, 1].flatMap((a) =>
+    ag((b) => `g${a}${b}`).map((v, q) => `(local.set $h${a}${q} ${v})`)
+  );
+  const dStores = idx.flatMap((q) =>
+    ag((a) => `h${a}${q}`).map((v, p) =>
+      `(v128.store (i32.add (local.get $dst) (i32.mul (local.get $xs) (i32.const ${
+        p * 4 + q
+      }))) ${v})`
+    )
+  );
+  // z(m) = (m0 + (m1 + m2) / 2, (m1 - m2) / 2, (m1 + m2) / 2 + m3): G^T m.
+  const gt = (x: (k: number) => string) => {
+    const half = (e: string) => `(f32x4.mul (local.get $half) ${e})`;
+    return [
+      `(f32x4.add (local.get $${x(0)}) ${half(f4("add", x(1), x(2)))})`,
+      half(f4("sub", x(1), x(2))),
+      `(f32x4.add ${half(f4("add", x(1), x(2)))} (local.get $${x(3)}))`,
+    ];
+  };
+  const mLoads = idx.flatMap((p) =>
+    idx.map((q) =>
+      `(local.set $m${p}${q} (v128.load (i32.add (local.get $src) (i32.mul (local.get $xs) (i32.const ${
+        p * 4 + q
+      })))))`
+    )
+  );
+  const rSet = idx.flatMap((p) =>
+    gt((q) => `m${p}${q}`).map((v, j) => `(local.set $r${p}${j} ${v})`)
+  );
+  const wStores = [0, 1, 2].flatMap((j) =>
+    gt((p) => `r${p}${j}`).map((v, i) =>
+      `(v128.store (i32.add (local.get $dst) (i32.mul (local.get $ts) (i32.const ${
+        i * 3 + j
+      }))) ${v})`
+    )
+  );
+  const kCall = (mr: number) =>
+    `(call $k${mr} (i32.add (local.get $ap) (i32.shl (local.get $cb) (i32.const 2))) (i32.add (local.get $bp) (i32.shl (local.get $ob) (i32.const 2))) (i32.add (local.get $cp) (i32.shl (i32.add (i32.mul (local.get $cb) (local.get $co)) (local.get $ob)) (i32.const 2))) (local.get $nt) (local.get $sa) (local.get $sb))`;
+  return `
+(func (export "wgrad_dy") (param $dy i32) (param $d i32) (param $h i32) (param $w i32) (param $co i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
+  (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
+  (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
+  (local $g00 v128) (local $g01 v128) (local $g10 v128) (local $g11 v128)
+  ${[0, 1].flatMap((a) => idx.map((q) => `(local $h${a}${q} v128)`)).join(" ")}
+  (local.set $pixb (i32.shl (local.get $co) (i32.const 2)))
+  (local.set $rowb (i32.mul (local.get $w) (local.get $pixb)))
+  (local.set $xs (i32.mul (local.get $nt) (local.get $pixb)))
+  (block $ldone (loop $tiles
+    (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
+    (local.set $t (i32.add (local.get $t0) (local.get $l)))
+    (local.set $img (i32.div_u (local.get $t) (i32.mul (local.get $th) (local.get $tw))))
+    (local.set $rem (i32.rem_u (local.get $t) (i32.mul (local.get $th) (local.get $tw))))
+    (local.set $ty (i32.div_u (local.get $rem) (local.get $tw)))
+    (local.set $tx (i32.rem_u (local.get $rem) (local.get $tw)))
+    (local.set $base (i32.add (local.get $dy) (i32.add
+      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $h)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $rowb))
+      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $pixb)))))
+    (local.set $cc (i32.const 0))
+    (block $cdone (loop $chans
+      (br_if $cdone (i32.ge_u (local.get $cc) (local.get $co)))
+      (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
+      (local.set $dst (i32.add (local.get $d) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $co)) (local.get $cc)) (i32.const 2))))
+      ${gLoads.join("\n      ")}
+      ${hSet.join("\n      ")}
+      ${dStores.join("\n      ")}
+      (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
+      (br $chans)))
+    (local.set $l (i32.add (local.get $l) (i32.const 1)))
+    (br $tiles))))
+
+(func (export "wgrad_gemm") (param $v i32) (param $d i32) (param $m i32) (param $nt i32) (param $c i32) (param $co i32)
+  (local $xi i32) (local $ap i32) (local $bp i32) (local $cp i32) (local $cb i32) (local $ob i32) (local $mr i32)
+  (local $sa i32) (local $sb i32)
+  (local.set $sa (i32.shl (local.get $c) (i32.const 2)))
+  (local.set $sb (i32.shl (local.get $co) (i32.const 2)))
+  (block $xdone (loop $points
+    (br_if $xdone (i32.ge_u (local.get $xi) (i32.const 16)))
+    (local.set $ap (i32.add (local.get $v) (i32.mul (i32.mul (local.get $xi) (local.get $nt)) (local.get $sa))))
+    (local.set $bp (i32.add (local.get $d) (i32.mul (i32.mul (local.get $xi) (local.get $nt)) (local.get $sb))))
+    (local.set $cp (i32.add (local.get $m) (i32.mul (i32.mul (local.get $xi) (local.get $c)) (local.get $sb))))
+    (local.set $cb (i32.const 0))
+    (block $cbdone (loop $cblocks
+      (br_if $cbdone (i32.ge_u (local.get $cb) (local.get $c)))
+      (local.set $mr (i32.sub (local.get $c) (local.get $cb)))
+      (if (i32.gt_u (local.get $mr) (i32.const 6)) (then (local.set $mr (i32.const 6))))
+      (local.set $ob (i32.const 0))
+      (block $odone (loop $oblocks
+        (br_if $odone (i32.ge_u (local.get $ob) (local.get $co)))
+        (block $dd (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
+          (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
+          ${kCall(6)} (br $dd))
+          ${kCall(5)} (br $dd))
+          ${kCall(4)} (br $dd))
+          ${kCall(3)} (br $dd))
+          ${kCall(2)} (br $dd))
+          ${kCall(1)})
+        (local.set $ob (i32.add (local.get $ob) (i32.const 8)))
+        (br $oblocks)))
+      (local.set $cb (i32.add (local.get $cb) (local.get $mr)))
+      (br $cblocks)))
+    (local.set $xi (i32.add (local.get $xi) (i32.const 1)))
+    (br $points))))
+
+(func (export "wgrad_out") (param $m i32) (param $dw i32) (param $c i32) (param $co i32)
+  (local $ci i32) (local $cc i32) (local $src i32) (local $dst i32) (local $xs i32) (local $ts i32) (local $half v128)
+  ${idx.flatMap((p) => idx.map((q) => `(local $m${p}${q} v128)`)).join(" ")}
+  ${
+    idx.flatMap((p) => [0, 1, 2].map((j) => `(local $r${p}${j} v128)`)).join(
+      " ",
+    )
+  }
+  (local.set $half ${splat(0.5)})
+  ;; bytes between two points xi of M, and between two taps of dW
+  (local.set $xs (i32.shl (i32.mul (local.get $c) (local.get $co)) (i32.const 2)))
+  (local.set $ts (local.get $xs))
+  (block $idone (loop $ins
+    (br_if $idone (i32.ge_u (local.get $ci) (local.get $c)))
+    (local.set $cc (i32.const 0))
+    (block $cdone (loop $chans
+      (br_if $cdone (i32.ge_u (local.get $cc) (local.get $co)))
+      (local.set $src (i32.add (local.get $m) (i32.shl (i32.add (i32.mul (local.get $ci) (local.get $co)) (local.get $cc)) (i32.const 2))))
+      (local.set $dst (i32.add (local.get $dw) (i32.shl (i32.add (i32.mul (local.get $ci) (local.get $co)) (local.get $cc)) (i32.const 2))))
+      ${mLoads.join("\n      ")}
+      ${rSet.join("\n      ")}
+      ${wStores.join("\n      ")}
+      (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
+      (br $chans)))
+    (local.set $ci (i32.add (local.get $ci) (i32.const 1)))
+    (br $ins))))
 `;
 }
 
