@@ -131,6 +131,75 @@ function padOrCrop(
 }
 
 /**
+ * On wasm, the stride-2 adjoint of a 4 x 4 kernel (the UNet's upsampling)
+ * as one 3 x 3 convolution with depth to space: each of the four output
+ * phases is a 2 x 2 convolution of `dy` (see {@linkcode adjoint}), which sits
+ * inside a 3 x 3 window with padding 1, so the four sub-kernels, zero
+ * elsewhere, make one kernel of 4 Cout output channels for ddpm's Winograd
+ * convolution, which writes each phase's pixels where they belong. It takes
+ * as many multiplies as the four direct convolutions (16 of Winograd's 36
+ * taps), in one call of a faster kernel. Null where that does not apply
+ * (another padding or size, channels Winograd does not take).
+ */
+function subPixelAdjoint(
+  dy: tf.Tensor4D,
+  w: tf.Tensor4D,
+  outShape: Shape4,
+  pad: number,
+): tf.Tensor4D | null {
+  const [kh, kw, cout, cin] = w.shape;
+  const [, h, wd] = dy.shape;
+  if (
+    outShape[1] !== 2 * h || outShape[2] !== 2 * wd || cout % 4 !== 0 ||
+    cin % 4 !== 0 || !wasmKernelsReady()
+  ) return null;
+  // Per axis and phase: the taps r + 2 i, read flipped, sit at rows e ..
+  // e + count - 1 of the 3 x 3 window (e = 1 - the phase's top padding).
+  const axis = (k: number) =>
+    [0, 1].map((a) => {
+      const t = phaseTaps(k, a, 2, pad);
+      return { ...t, e: 1 - (t.count - 1 - t.m) };
+    });
+  const [ay, ax] = [axis(kh), axis(kw)];
+  if (
+    ![...ay, ...ax].every((t) => t.count > 0 && t.e >= 0 && t.e + t.count <= 3)
+  ) return null;
+  return tf.tidy(() => {
+    // The kernel in wasmConv3x3's flipped layout, [3, 3, 4 Cout, Cin] read
+    // turned by 180 degrees: cell (2 - u, 2 - v) holds, for phase (a, b),
+    // w's [Cout, Cin] plane of the tap that window cell (u, v) takes.
+    const zero = tf.zeros([1, 1, cout, cin]);
+    const rows: tf.Tensor[] = [];
+    for (let u = 2; u >= 0; u--) {
+      const cells: tf.Tensor[] = [];
+      for (let v = 2; v >= 0; v--) {
+        const phases: tf.Tensor[] = [];
+        for (let a = 0; a < 2; a++) {
+          for (let b = 0; b < 2; b++) {
+            const [ty, tx] = [ay[a], ax[b]];
+            const [i, j] = [u - ty.e, v - tx.e];
+            phases.push(
+              i >= 0 && i < ty.count && j >= 0 && j < tx.count
+                ? tf.slice(w, [
+                  ty.r + 2 * (ty.count - 1 - i),
+                  tx.r + 2 * (tx.count - 1 - j),
+                  0,
+                  0,
+                ], [1, 1, cout, cin])
+                : zero,
+            );
+          }
+        }
+        cells.push(tf.concat(phases, 2));
+      }
+      rows.push(tf.concat(cells, 1));
+    }
+    const k = tf.concat(rows, 0) as tf.Tensor4D;
+    return wasmConv3x3(dy, k, { flip: true, depthToSpace: true })!;
+  });
+}
+
+/**
  * The adjoint of `conv2d(., w, stride, pad)` applied to `dy`: what
  * `tf.conv2dTranspose(dy, w, outShape, stride, pad)` computes.
  *
@@ -183,6 +252,10 @@ function adjoint(
   ) {
     const dx = wasmConv3x3(dy, w, { flip: true });
     if (dx !== null) return dx;
+  }
+  if (stride === 2 && kh === 4 && kw === 4) {
+    const y = subPixelAdjoint(dy, w, outShape, pad);
+    if (y !== null) return y;
   }
   return tf.tidy(() => {
     const [n, h, wd] = dy.shape;

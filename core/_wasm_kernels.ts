@@ -320,76 +320,80 @@ function waitFor(ctrl: Int32Array, slot: number, value: number): void {
   }
 }
 
-register("DdpmWinograd", (b, k, { x, u, bias }, { h, w, nt: ntAttr }, at) => {
-  const [n, hp, wp, c] = x.shape;
-  const co = u.shape[2];
-  const th = (hp - 2) / 2;
-  const tw = (wp - 2) / 2;
-  const tiles = n * th * tw;
-  const nt = Math.min(ntAttr || winogradChunk(c, co), tiles);
-  const kc = Math.ceil(c / WINO_KC) * WINO_KC;
-  const helpers = tiles > nt ? helpersOf(b) : null;
-  const threads = 1 + (helpers?.count ?? 0);
-  const out = b.makeOutput([n, h, w, co], "float32");
-  const scratch: tf.TensorInfo[] = [];
-  for (let i = 0; i < threads; i++) {
-    scratch.push(
-      b.makeOutput([16 * kc * nt], "float32"),
-      b.makeOutput([16 * nt * co], "float32"),
-    );
-  }
-  // Offsets after every allocation (the heap may have grown).
-  const job: WinogradJob = {
-    x: at(x),
-    u: at(u),
-    y: at(out),
-    bias: bias === undefined ? 0 : at(bias),
-    hp,
-    wp,
-    c,
-    co,
-    h,
-    w,
-    th,
-    tw,
-    tiles,
-    nt,
-  };
-  const [v, m] = [at(scratch[0]), at(scratch[1])];
-  if (helpers === null) {
-    runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
-  } else {
-    const ctrl = helpers.ctrl;
-    writeJob(ctrl, job);
-    for (let i = 0; i < helpers.count; i++) {
-      ctrl[SCRATCH + 2 * i] = at(scratch[2 + 2 * i]);
-      ctrl[SCRATCH + 2 * i + 1] = at(scratch[3 + 2 * i]);
+register(
+  "DdpmWinograd",
+  (b, k, { x, u, bias }, { h, w, nt: ntAttr, ph }, at) => {
+    const [n, hp, wp, c] = x.shape;
+    const co = u.shape[2];
+    const th = (hp - 2) / 2;
+    const tw = (wp - 2) / 2;
+    const tiles = n * th * tw;
+    const nt = Math.min(ntAttr || winogradChunk(c, co), tiles);
+    const kc = Math.ceil(c / WINO_KC) * WINO_KC;
+    const helpers = tiles > nt ? helpersOf(b) : null;
+    const threads = 1 + (helpers?.count ?? 0);
+    const out = b.makeOutput([n, ph * h, ph * w, co / (ph * ph)], "float32");
+    const scratch: tf.TensorInfo[] = [];
+    for (let i = 0; i < threads; i++) {
+      scratch.push(
+        b.makeOutput([16 * kc * nt], "float32"),
+        b.makeOutput([16 * nt * co], "float32"),
+      );
     }
-    Atomics.store(ctrl, NEXT, 0);
-    const id = Atomics.load(ctrl, JOB) + 1;
-    // Helpers not started yet sit this job out.
-    const started: number[] = [];
-    for (let i = 0; i < helpers.count; i++) {
-      if (Atomics.load(ctrl, READY + i) === 1) started.push(i);
-      else Atomics.store(ctrl, TAKEN + i, id);
-    }
-    Atomics.store(ctrl, JOB, id);
-    Atomics.notify(ctrl, JOB);
-    runChunks(k, job, ctrl, v, m);
-    // Cancel for the helpers that have not claimed the job; wait for the others.
-    for (const i of started) {
-      if (Atomics.compareExchange(ctrl, TAKEN + i, id - 1, id) !== id - 1) {
-        waitFor(ctrl, DONE + i, id);
+    // Offsets after every allocation (the heap may have grown).
+    const job: WinogradJob = {
+      x: at(x),
+      u: at(u),
+      y: at(out),
+      bias: bias === undefined ? 0 : at(bias),
+      hp,
+      wp,
+      c,
+      co,
+      h,
+      w,
+      th,
+      tw,
+      tiles,
+      nt,
+      ph,
+    };
+    const [v, m] = [at(scratch[0]), at(scratch[1])];
+    if (helpers === null) {
+      runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
+    } else {
+      const ctrl = helpers.ctrl;
+      writeJob(ctrl, job);
+      for (let i = 0; i < helpers.count; i++) {
+        ctrl[SCRATCH + 2 * i] = at(scratch[2 + 2 * i]);
+        ctrl[SCRATCH + 2 * i + 1] = at(scratch[3 + 2 * i]);
+      }
+      Atomics.store(ctrl, NEXT, 0);
+      const id = Atomics.load(ctrl, JOB) + 1;
+      // Helpers not started yet sit this job out.
+      const started: number[] = [];
+      for (let i = 0; i < helpers.count; i++) {
+        if (Atomics.load(ctrl, READY + i) === 1) started.push(i);
+        else Atomics.store(ctrl, TAKEN + i, id);
+      }
+      Atomics.store(ctrl, JOB, id);
+      Atomics.notify(ctrl, JOB);
+      runChunks(k, job, ctrl, v, m);
+      // Cancel for the helpers that have not claimed the job; wait for the others.
+      for (const i of started) {
+        if (Atomics.compareExchange(ctrl, TAKEN + i, id - 1, id) !== id - 1) {
+          waitFor(ctrl, DONE + i, id);
+        }
+      }
+      if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
+        for (const t of scratch) b.disposeData(t.dataId);
+        throw new Error("a Winograd helper thread failed");
       }
     }
-    if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
-      for (const t of scratch) b.disposeData(t.dataId);
-      throw new Error("a Winograd helper thread failed");
-    }
-  }
-  for (const t of scratch) b.disposeData(t.dataId);
-  return out;
-});
+    for (const t of scratch) b.disposeData(t.dataId);
+    return out;
+  },
+);
 
 /** Tiles per chunk of the Winograd weight gradient: both transforms, about 512 KB. */
 export function winogradGradChunk(c: number, co: number): number {
@@ -455,6 +459,12 @@ export interface Conv3x3Options {
   flip?: boolean;
   /** Tiles per chunk (0: sized for L2; for tests and tuning). */
   nt?: number;
+  /**
+   * Depth to space: the output's channels are four phases of Cout / 4, laid
+   * out as `tf.depthToSpace(y, 2)` would, `[N, 2 H, 2 W, Cout / 4]`
+   * (Cout a multiple of 16).
+   */
+  depthToSpace?: boolean;
 }
 
 /**
@@ -468,18 +478,19 @@ export interface Conv3x3Options {
  * @param x Input `[N, H, W, Cin]`.
  * @param w Kernel `[3, 3, Cin, Cout]` (`[3, 3, Cout, Cin]` when flipped).
  * @param options Bias, flip, chunk size.
- * @returns `[N, H, W, Cout]`, or null.
+ * @returns `[N, H, W, Cout]` (`[N, 2 H, 2 W, Cout / 4]` with depth to space), or null.
  */
 export function wasmConv3x3(
   x: tf.Tensor4D,
   w: tf.Tensor4D,
-  { bias, flip = false, nt = 0 }: Conv3x3Options = {},
+  { bias, flip = false, nt = 0, depthToSpace = false }: Conv3x3Options = {},
 ): tf.Tensor4D | null {
   const [kh, kw] = w.shape;
   // Flipped: w is [3, 3, Cout, Cin].
   const [ci, co] = flip ? [w.shape[3], w.shape[2]] : [w.shape[2], w.shape[3]];
   if (
-    kh !== 3 || kw !== 3 || ci % 4 !== 0 || co % 8 !== 0 || x.size === 0 ||
+    kh !== 3 || kw !== 3 || ci % 4 !== 0 || co % (depthToSpace ? 16 : 8) ||
+    x.size === 0 ||
     !wasmKernelsReady()
   ) return null;
   return tf.tidy(() => {
@@ -499,6 +510,7 @@ export function wasmConv3x3(
       h,
       w: wd,
       nt,
+      ph: depthToSpace ? 2 : 1,
     }) as tf.Tensor4D;
   });
 }

@@ -51,6 +51,8 @@ export interface WinogradKernels {
     tw: number,
     t0: number,
     hasBias: number,
+    ph: number,
+    cop: number,
   ): void;
 }
 
@@ -99,6 +101,8 @@ export interface WinogradJob {
   tiles: number;
   /** Tiles per chunk. */
   nt: number;
+  /** 2: depth to space, the output `[N, 2 h, 2 w, co / 4]`; else 1. */
+  ph: number;
 }
 
 const FIELDS = [
@@ -116,6 +120,7 @@ const FIELDS = [
   "tw",
   "tiles",
   "nt",
+  "ph",
 ] as const;
 
 /** Write a job's arguments into the control block. */
@@ -169,6 +174,8 @@ export function runChunks(
       job.tw,
       t0,
       job.bias === 0 ? 0 : 1,
+      job.ph,
+      job.co / (job.ph * job.ph),
     );
   }
 }

@@ -80,6 +80,11 @@ interface ConvTCase {
 
 const CONVT_CASES: ConvTCase[] = [
   { x: [2, 4, 4, 6], k: 4, cout: 3, out: [8, 8], stride: 2, pad: 1 },
+  // 4x4, stride 2, padding 1, input and output channels multiples of 4: on
+  // wasm one Winograd convolution with the four phases' sub-kernels side by
+  // side, writing each phase's pixels in place.
+  { x: [2, 3, 5, 4], k: 4, cout: 4, out: [6, 10], stride: 2, pad: 1 },
+  { x: [1, 4, 4, 12], k: 4, cout: 8, out: [8, 8], stride: 2, pad: 1 },
   { x: [2, 3, 5, 4], k: 4, cout: 2, out: [6, 10], stride: 2, pad: 1 },
   // PyTorch's output_padding = 1: (4 - 1) 2 - 2 + 3 = 7, asked for 8.
   { x: [1, 4, 4, 3], k: 3, cout: 2, out: [8, 8], stride: 2, pad: 1 },

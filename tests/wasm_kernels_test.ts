@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
-import { conv2d } from "../core/_conv.ts";
+import { conv2d, conv2dTranspose } from "../core/_conv.ts";
 import { groupNorm, groupNormSilu } from "../core/_layers.ts";
 import { wasmConv3x3, wasmConv3x3FilterGrad } from "../core/_wasm_kernels.ts";
 import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
@@ -305,6 +305,23 @@ Deno.test("on wasm, Winograd's F(2x2, 3x3) matches a float64 convolution, with a
       tf.dispose([yt, f]);
     }
     tf.dispose([xt, wt, bt, y]);
+  }
+  // A 4x4, stride-2, padding-1 transposed convolution (the UNet's
+  // upsampling) is one Winograd convolution; with Cin 6 it is not.
+  for (const [cin, ours] of [[8, true], [6, false]] as const) {
+    const [x, w] = [
+      tf.randomNormal([2, 4, 4, cin], 0, 1, "float32", 3),
+      tf.randomNormal([4, 4, 4, cin], 0, 1, "float32", 4),
+    ] as tf.Tensor4D[];
+    const info = await tf.profile(() =>
+      conv2dTranspose(x, w, [2, 8, 8, 4], 2, 1)
+    );
+    assert.equal(
+      info.kernelNames.includes("DdpmWinograd"),
+      ours,
+      `Cin ${cin}: ${info.kernelNames.join(" ")}`,
+    );
+    tf.dispose([x, w, info.result as tf.Tensor]);
   }
   // Not for Winograd: Cin not a multiple of 4, Cout not of 8, a 1x1 kernel.
   const notOurs: [Shape4, Shape4][] = [

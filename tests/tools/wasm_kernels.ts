@@ -201,9 +201,12 @@ const f4 = (op: "add" | "sub", a: string, b: string) =>
  *   `[N, hp, wp, c]` (th x tw tiles an image), laid `[16][c / KC][nt][KC]`;
  * - `wino_gemm(v, u, m, nt, c, co)`: `M[xi] = V[xi] U[xi]` for the 16
  *   points xi, U `[16][c][co]`, M `[16][nt][co]` (overwritten);
- * - `wino_out(m, y, bias, nt, co, h, w, th, tw, t0, hasBias)`: `Y = A^T M
- *   A` (+ bias) into the output `[N, h, w, co]`, cutting tiles that cross
- *   its bottom or right edge.
+ * - `wino_out(m, y, bias, nt, co, h, w, th, tw, t0, hasBias, ph, cop)`:
+ *   `Y = A^T M A` (+ bias) into the output `[N, h, w, co]`, cutting tiles
+ *   that cross its bottom or right edge; with `ph` = 2, depth to space on
+ *   the way: the output is `[N, 2 h, 2 w, cop]`, channel c of Y going to
+ *   channel c % cop of the pixel offset by (p / 2, p % 2), p = c / cop
+ *   (`ph` = 1 and `cop` = co for a plain convolution).
  *
  * With `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; .5 .5
  * .5; .5 -.5 .5; 0 0 1]` and `A^T = [1 1 1 0; 0 1 -1 -1]` (Lavin and Gray
@@ -275,7 +278,7 @@ function winograd(): string {
       b === 1 ? "(local.get $inx)" : "",
     ].filter(Boolean);
     const store =
-      `(v128.store (i32.add (local.get $dst) (i32.add (i32.mul (local.get $rowb) (i32.const ${a})) (i32.mul (local.get $pixb) (i32.const ${b})))) ${v})`;
+      `(v128.store (i32.add (local.get $dst) (i32.add (i32.mul (local.get $ib) (i32.const ${a})) (i32.mul (local.get $jb) (i32.const ${b})))) ${v})`;
     if (inside.length === 0) return store;
     const cond = inside.length === 2
       ? `(i32.and ${inside[0]} ${inside[1]})`
@@ -392,27 +395,36 @@ ${inputTransform("wino_in", true)}
     (local.set $xi (i32.add (local.get $xi) (i32.const 1)))
     (br $points))))
 
-(func (export "wino_out") (param $m i32) (param $y i32) (param $bias i32) (param $nt i32) (param $co i32) (param $h i32) (param $w i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $hasBias i32)
+(func (export "wino_out") (param $m i32) (param $y i32) (param $bias i32) (param $nt i32) (param $co i32) (param $h i32) (param $w i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $hasBias i32) (param $ph i32) (param $cop i32)
   (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
-  (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
-  (local $iny i32) (local $inx i32) (local $bv v128)
+  (local $pixb i32) (local $rowb i32) (local $ib i32) (local $jb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
+  (local $iny i32) (local $inx i32) (local $bv v128) (local $p i32) (local $a i32)
   ${mLocals} ${rLocals}
-  (local.set $pixb (i32.shl (local.get $co) (i32.const 2)))
-  (local.set $rowb (i32.mul (local.get $w) (local.get $pixb)))
-  (local.set $xs (i32.mul (local.get $nt) (local.get $pixb)))
+  ;; the output [N, ph h, ph w, cop]: channel cc of M is channel cc % cop of
+  ;; phase p = cc / cop, at row offset p / ph and column offset p % ph
+  (local.set $pixb (i32.shl (local.get $cop) (i32.const 2)))
+  (local.set $rowb (i32.mul (i32.mul (local.get $w) (local.get $ph)) (local.get $pixb)))
+  (local.set $ib (i32.mul (local.get $rowb) (local.get $ph)))
+  (local.set $jb (i32.mul (local.get $pixb) (local.get $ph)))
+  (local.set $xs (i32.mul (local.get $nt) (i32.shl (local.get $co) (i32.const 2))))
   (block $ldone (loop $tiles
     (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
     ${tileCoords}
     (local.set $iny (i32.lt_u (i32.add (i32.shl (local.get $ty) (i32.const 1)) (i32.const 1)) (local.get $h)))
     (local.set $inx (i32.lt_u (i32.add (i32.shl (local.get $tx) (i32.const 1)) (i32.const 1)) (local.get $w)))
     (local.set $base (i32.add (local.get $y) (i32.add
-      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $h)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $rowb))
-      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $pixb)))))
+      (i32.mul (i32.mul (i32.add (i32.mul (local.get $img) (local.get $h)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $ph)) (local.get $rowb))
+      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $jb)))))
     (local.set $cc (i32.const 0))
     (block $cdone (loop $chans
       (br_if $cdone (i32.ge_u (local.get $cc) (local.get $co)))
       (local.set $src (i32.add (local.get $m) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $co)) (local.get $cc)) (i32.const 2))))
-      (local.set $dst (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
+      (local.set $p (i32.div_u (local.get $cc) (local.get $cop)))
+      (local.set $a (i32.div_u (local.get $p) (local.get $ph)))
+      (local.set $dst (i32.add (i32.add (local.get $base)
+          (i32.shl (i32.sub (local.get $cc) (i32.mul (local.get $p) (local.get $cop))) (i32.const 2)))
+        (i32.add (i32.mul (local.get $a) (local.get $rowb))
+          (i32.mul (i32.sub (local.get $p) (i32.mul (local.get $a) (local.get $ph))) (local.get $pixb)))))
       (local.set $bv (if (result v128) (local.get $hasBias)
         (then (v128.load (i32.add (local.get $bias) (i32.shl (local.get $cc) (i32.const 2)))))
         (else (v128.const i32x4 0 0 0 0))))
