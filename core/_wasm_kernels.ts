@@ -56,10 +56,10 @@ import {
 /** The exports of ddpm's wasm kernels. */
 interface Kernels extends WinogradKernels {
   wgrad_in(
-    xp: number,
+    x: number,
     v: number,
-    hp: number,
-    wp: number,
+    h: number,
+    w: number,
     c: number,
     th: number,
     tw: number,
@@ -322,11 +322,11 @@ function waitFor(ctrl: Int32Array, slot: number, value: number): void {
 
 register(
   "DdpmWinograd",
-  (b, k, { x, u, bias }, { h, w, nt: ntAttr, ph }, at) => {
-    const [n, hp, wp, c] = x.shape;
+  (b, k, { x, u, bias }, { nt: ntAttr, ph }, at) => {
+    const [n, h, w, c] = x.shape;
     const co = u.shape[2];
-    const th = (hp - 2) / 2;
-    const tw = (wp - 2) / 2;
+    const th = Math.ceil(h / 2);
+    const tw = Math.ceil(w / 2);
     const tiles = n * th * tw;
     const nt = Math.min(ntAttr || winogradChunk(c, co), tiles);
     const kc = Math.ceil(c / WINO_KC) * WINO_KC;
@@ -346,8 +346,6 @@ register(
       u: at(u),
       y: at(out),
       bias: bias === undefined ? 0 : at(bias),
-      hp,
-      wp,
       c,
       co,
       h,
@@ -401,10 +399,10 @@ export function winogradGradChunk(c: number, co: number): number {
 }
 
 register("DdpmWinogradGrad", (b, k, { x, dy }, { nt: ntAttr }, at) => {
-  const [n, hp, wp, c] = x.shape;
+  const [n, h, w, c] = x.shape;
   const co = dy.shape[3];
-  const th = (hp - 2) / 2;
-  const tw = (wp - 2) / 2;
+  const th = Math.ceil(h / 2);
+  const tw = Math.ceil(w / 2);
   const tiles = n * th * tw;
   const nt = Math.min(ntAttr || winogradGradChunk(c, co), tiles);
   const out = b.makeOutput([3, 3, c, co], "float32");
@@ -418,7 +416,7 @@ register("DdpmWinogradGrad", (b, k, { x, dy }, { nt: ntAttr }, at) => {
   b.wasm.HEAPU8.fill(0, pm, pm + 64 * c * co);
   for (let t0 = 0; t0 < tiles; t0 += nt) {
     const len = Math.min(nt, tiles - t0);
-    k.wgrad_in(px, pv, hp, wp, c, th, tw, t0, len);
+    k.wgrad_in(px, pv, h, w, c, th, tw, t0, len);
     k.wgrad_dy(pdy, pd, 2 * th, 2 * tw, co, th, tw, t0, len);
     k.wgrad_gemm(pv, pd, pm, len, c, co);
   }
@@ -494,8 +492,6 @@ export function wasmConv3x3(
     !wasmKernelsReady()
   ) return null;
   return tf.tidy(() => {
-    const [, h, wd] = x.shape;
-    const xp = tf.pad(x, [[0, 0], [1, 1 + (h % 2)], [1, 1 + (wd % 2)], [0, 0]]);
     const g = flip ? tf.transpose(w, [0, 1, 3, 2]) : w;
     const u = tf.reshape(
       tf.matMul(
@@ -504,11 +500,9 @@ export function wasmConv3x3(
       ),
       [16, ci, co],
     );
-    const inputs: Record<string, tf.Tensor> = { x: xp, u };
+    const inputs: Record<string, tf.Tensor> = { x, u };
     if (bias !== undefined) inputs.bias = bias;
     return tf.engine().runKernel("DdpmWinograd", inputs, {
-      h,
-      w: wd,
       nt,
       ph: depthToSpace ? 2 : 1,
     }) as tf.Tensor4D;
@@ -665,11 +659,11 @@ export function wasmConv3x3FilterGrad(
   return tf.tidy(() => {
     const [, h, w] = input.shape;
     const [oddH, oddW] = [h % 2, w % 2];
-    const x = tf.pad(input, [[0, 0], [1, 1 + oddH], [1, 1 + oddW], [0, 0]]);
+    // The output gradient in whole tiles (zeros add nothing).
     const g = oddH + oddW > 0
       ? tf.pad(dy, [[0, 0], [0, oddH], [0, oddW], [0, 0]])
       : dy;
-    return tf.engine().runKernel("DdpmWinogradGrad", { x, dy: g }, {
+    return tf.engine().runKernel("DdpmWinogradGrad", { x: input, dy: g }, {
       nt,
     }) as tf.Tensor4D;
   });

@@ -21,10 +21,10 @@
 /** The exports of ddpm's kernels that the chunk loop calls. */
 export interface WinogradKernels {
   wino_in(
-    xp: number,
+    x: number,
     v: number,
-    hp: number,
-    wp: number,
+    h: number,
+    w: number,
     c: number,
     th: number,
     tw: number,
@@ -80,7 +80,7 @@ export const CONTROL_SLOTS = SCRATCH + 2 * MAX_HELPERS;
 
 /** One convolution: heap byte offsets and sizes. */
 export interface WinogradJob {
-  /** The padded input `[N, hp, wp, c]`. */
+  /** The input `[N, h, w, c]`. */
   x: number;
   /** The transformed kernel `[16, c, co]`. */
   u: number;
@@ -88,8 +88,6 @@ export interface WinogradJob {
   y: number;
   /** The bias `[co]`, or 0 for none. */
   bias: number;
-  hp: number;
-  wp: number;
   c: number;
   co: number;
   h: number;
@@ -110,8 +108,6 @@ const FIELDS = [
   "u",
   "y",
   "bias",
-  "hp",
-  "wp",
   "c",
   "co",
   "h",
@@ -160,7 +156,7 @@ export function runChunks(
     if (t0 >= tiles) return;
     const len = Math.min(nt, tiles - t0);
     if (counter >= 0) ctrl[counter]++;
-    k.wino_in(job.x, v, job.hp, job.wp, job.c, job.th, job.tw, t0, len);
+    k.wino_in(job.x, v, job.h, job.w, job.c, job.th, job.tw, t0, len);
     k.wino_gemm(v, job.u, m, len, job.c, job.co);
     k.wino_out(
       m,

@@ -196,9 +196,11 @@ const f4 = (op: "add" | "sub", a: string, b: string) =>
  * vector; the caller transforms the kernel (`U = G g G^T`, a product) and
  * loops over the chunks:
  *
- * - `wino_in(xp, v, hp, wp, c, th, tw, t0, nt)`: `V = B^T d B` for the
- *   4 x 4 input patch d of each tile t0 .. t0 + nt of the padded input xp
- *   `[N, hp, wp, c]` (th x tw tiles an image), laid `[16][c / KC][nt][KC]`;
+ * - `wino_in(x, v, h, w, c, th, tw, t0, nt)`: `V = B^T d B` for the 4 x 4
+ *   input patch d of each tile t0 .. t0 + nt of the input x `[N, h, w, c]`
+ *   (th x tw tiles an image; the patch of tile (i, j) starts at pixel (2 i
+ *   - 1, 2 j - 1), and pixels outside the image read as zero: padding 1),
+ *   laid `[16][c / KC][nt][KC]`;
  * - `wino_gemm(v, u, m, nt, c, co)`: `M[xi] = V[xi] U[xi]` for the 16
  *   points xi, U `[16][c][co]`, M `[16][nt][co]` (overwritten);
  * - `wino_out(m, y, bias, nt, co, h, w, th, tw, t0, hasBias, ph, cop)`:
@@ -227,11 +229,19 @@ function winograd(): string {
   const inLocals = idx.flatMap((i) =>
     idx.map((j) => `(local $${d(i, j)} v128) (local $${e(i, j)} v128)`)
   ).join(" ");
+  const at = (i: number, j: number) =>
+    `(i32.add (local.get $src) (i32.add (i32.mul (local.get $rowb) (i32.const ${i})) (i32.mul (local.get $pixb) (i32.const ${j}))))`;
   const loads = idx.flatMap((i) =>
+    idx.map((j) => `(local.set $${d(i, j)} (v128.load ${at(i, j)}))`)
+  );
+  // Border tiles: a patch pixel outside the image reads as zero.
+  const guardedLoads = idx.flatMap((i) =>
     idx.map((j) =>
       `(local.set $${
         d(i, j)
-      } (v128.load (i32.add (local.get $src) (i32.add (i32.mul (local.get $rowb) (i32.const ${i})) (i32.mul (local.get $pixb) (i32.const ${j}))))))`
+      } (if (result v128) (i32.and (local.get $ry${i}) (local.get $rx${j})) (then (v128.load ${
+        at(i, j)
+      })) (else (v128.const i32x4 0 0 0 0))))`
     )
   );
   const rowsT = idx.flatMap((i) =>
@@ -313,29 +323,48 @@ function winograd(): string {
         (i32.and (local.get $cc) (i32.const ${WINO_KC - 1}))) (i32.const 2))))`
       : `;; V[xi][l][cc]
       (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $c)) (local.get $cc)) (i32.const 2))))`;
-    return `(func (export "${name}") (param $xp i32) (param $v i32) (param $hp i32) (param $wp i32) (param $c i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
+    const channels = (load: string[]) => `(local.set $cc (i32.const 0))
+      (block $cdone (loop $chans
+        (br_if $cdone (i32.ge_u (local.get $cc) (local.get $c)))
+        (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
+        ${dstSet}
+        ${load.join("\n        ")}
+        ${rowsT.join("\n        ")}
+        ${stores.join("\n        ")}
+        (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
+        (br $chans)))`;
+    const inRange = (v: string, k: number, n: string) =>
+      `(i32.lt_u (i32.add (local.get $${v}) (i32.const ${k})) (local.get $${n}))`;
+    return `(func (export "${name}") (param $x i32) (param $v i32) (param $h i32) (param $w i32) (param $c i32) (param $th i32) (param $tw i32) (param $t0 i32) (param $nt i32)
   (local $l i32) (local $t i32) (local $img i32) (local $rem i32) (local $ty i32) (local $tx i32)
   (local $pixb i32) (local $rowb i32) (local $xs i32) (local $base i32) (local $cc i32) (local $src i32) (local $dst i32)
+  (local $y0 i32) (local $x0 i32)
+  ${idx.map((i) => `(local $ry${i} i32) (local $rx${i} i32)`).join(" ")}
   ${inLocals}
   (local.set $pixb (i32.shl (local.get $c) (i32.const 2)))
-  (local.set $rowb (i32.mul (local.get $wp) (local.get $pixb)))
+  (local.set $rowb (i32.mul (local.get $w) (local.get $pixb)))
   ${xsSet}
   (block $ldone (loop $tiles
     (br_if $ldone (i32.ge_u (local.get $l) (local.get $nt)))
     ${tileCoords}
-    (local.set $base (i32.add (local.get $xp) (i32.add
-      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $hp)) (i32.shl (local.get $ty) (i32.const 1))) (local.get $rowb))
-      (i32.mul (i32.shl (local.get $tx) (i32.const 1)) (local.get $pixb)))))
-    (local.set $cc (i32.const 0))
-    (block $cdone (loop $chans
-      (br_if $cdone (i32.ge_u (local.get $cc) (local.get $c)))
-      (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
-      ${dstSet}
-      ${loads.join("\n      ")}
-      ${rowsT.join("\n      ")}
-      ${stores.join("\n      ")}
-      (local.set $cc (i32.add (local.get $cc) (i32.const 4)))
-      (br $chans)))
+    ;; the patch's top left pixel (-1 on the image's top or left edge)
+    (local.set $y0 (i32.sub (i32.shl (local.get $ty) (i32.const 1)) (i32.const 1)))
+    (local.set $x0 (i32.sub (i32.shl (local.get $tx) (i32.const 1)) (i32.const 1)))
+    ;; (wrapping arithmetic: only the addresses of pixels inside are loaded)
+    (local.set $base (i32.add (local.get $x) (i32.add
+      (i32.mul (i32.add (i32.mul (local.get $img) (local.get $h)) (local.get $y0)) (local.get $rowb))
+      (i32.mul (local.get $x0) (local.get $pixb)))))
+    ;; rows and columns of the patch inside the image (unsigned: -1 is out)
+    ${
+      idx.map((i) =>
+        `(local.set $ry${i} ${inRange("y0", i, "h")}) (local.set $rx${i} ${
+          inRange("x0", i, "w")
+        })`
+      ).join("\n    ")
+    }
+    (if (i32.and (i32.and (local.get $ry0) (local.get $ry3)) (i32.and (local.get $rx0) (local.get $rx3)))
+      (then ${channels(loads)})
+      (else ${channels(guardedLoads)}))
     (local.set $l (i32.add (local.get $l) (i32.const 1)))
     (br $tiles))))
 
