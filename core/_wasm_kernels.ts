@@ -86,6 +86,7 @@ interface Kernels extends WinogradKernels {
     co: number,
   ): void;
   wgrad_out(m: number, dw: number, c: number, co: number): void;
+  wino_u(w: number, u: number, ci: number, co: number, flip: number): void;
   filter_grad(
     x: number,
     dy: number,
@@ -322,9 +323,10 @@ function waitFor(ctrl: Int32Array, slot: number, value: number): void {
 
 register(
   "DdpmWinograd",
-  (b, k, { x, u, bias }, { nt: ntAttr, ph }, at) => {
+  (b, k, { x, w: kernel, bias }, { nt: ntAttr, ph, flip }, at) => {
     const [n, h, w, c] = x.shape;
-    const co = u.shape[2];
+    // Flipped: the kernel is [3, 3, co, c].
+    const co = kernel.shape[flip ? 2 : 3];
     const th = Math.ceil(h / 2);
     const tw = Math.ceil(w / 2);
     const tiles = n * th * tw;
@@ -333,7 +335,8 @@ register(
     const helpers = tiles > nt ? helpersOf(b) : null;
     const threads = 1 + (helpers?.count ?? 0);
     const out = b.makeOutput([n, ph * h, ph * w, co / (ph * ph)], "float32");
-    const scratch: tf.TensorInfo[] = [];
+    const u = b.makeOutput([16, c, co], "float32");
+    const scratch: tf.TensorInfo[] = [u];
     for (let i = 0; i < threads; i++) {
       scratch.push(
         b.makeOutput([16 * kc * nt], "float32"),
@@ -356,15 +359,16 @@ register(
       nt,
       ph,
     };
-    const [v, m] = [at(scratch[0]), at(scratch[1])];
+    k.wino_u(at(kernel), job.u, c, co, flip);
+    const [v, m] = [at(scratch[1]), at(scratch[2])];
     if (helpers === null) {
       runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
     } else {
       const ctrl = helpers.ctrl;
       writeJob(ctrl, job);
       for (let i = 0; i < helpers.count; i++) {
-        ctrl[SCRATCH + 2 * i] = at(scratch[2 + 2 * i]);
-        ctrl[SCRATCH + 2 * i + 1] = at(scratch[3 + 2 * i]);
+        ctrl[SCRATCH + 2 * i] = at(scratch[3 + 2 * i]);
+        ctrl[SCRATCH + 2 * i + 1] = at(scratch[4 + 2 * i]);
       }
       Atomics.store(ctrl, NEXT, 0);
       const id = Atomics.load(ctrl, JOB) + 1;
@@ -425,27 +429,6 @@ register("DdpmWinogradGrad", (b, k, { x, dy }, { nt: ntAttr }, at) => {
   return out;
 });
 
-/** `G (x) G` as a [16, 9] matrix: row 4p + q, column 3i + j holds G[p][i] G[q][j]. */
-const WINO_G = (() => {
-  const g = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]];
-  const k = new Float32Array(16 * 9);
-  for (let p = 0; p < 4; p++) {
-    for (let q = 0; q < 4; q++) {
-      for (let i = 0; i < 3; i++) {
-        for (let j = 0; j < 3; j++) {
-          k[(p * 4 + q) * 9 + i * 3 + j] = g[p][i] * g[q][j];
-        }
-      }
-    }
-  }
-  return k;
-})();
-
-/** The kernel of {@linkcode WINO_G} with its taps in reverse order (a flipped kernel). */
-const WINO_G_FLIPPED = WINO_G.map((_, e) =>
-  WINO_G[Math.floor(e / 9) * 9 + 8 - (e % 9)]
-);
-
 /** Options of {@linkcode wasmConv3x3}. */
 export interface Conv3x3Options {
   /** `[Cout]`, added to every output pixel. */
@@ -491,22 +474,13 @@ export function wasmConv3x3(
     x.size === 0 ||
     !wasmKernelsReady()
   ) return null;
-  return tf.tidy(() => {
-    const g = flip ? tf.transpose(w, [0, 1, 3, 2]) : w;
-    const u = tf.reshape(
-      tf.matMul(
-        tf.tensor2d(flip ? WINO_G_FLIPPED : WINO_G, [16, 9]),
-        tf.reshape(g, [9, ci * co]),
-      ),
-      [16, ci, co],
-    );
-    const inputs: Record<string, tf.Tensor> = { x, u };
-    if (bias !== undefined) inputs.bias = bias;
-    return tf.engine().runKernel("DdpmWinograd", inputs, {
-      nt,
-      ph: depthToSpace ? 2 : 1,
-    }) as tf.Tensor4D;
-  });
+  const inputs: Record<string, tf.Tensor> = { x, w };
+  if (bias !== undefined) inputs.bias = bias;
+  return tf.engine().runKernel("DdpmWinograd", inputs, {
+    nt,
+    ph: depthToSpace ? 2 : 1,
+    flip: flip ? 1 : 0,
+  }) as tf.Tensor4D;
 }
 
 register("DdpmNormStats", (b, k, { x }, { groups, eps }, at) => {

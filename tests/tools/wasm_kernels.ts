@@ -470,6 +470,82 @@ ${inputTransform("wino_in", true)}
 
 ${inputTransform("wgrad_in", false)}
 ${weightGradient()}
+${kernelTransform()}
+`;
+}
+
+/**
+ * `wino_u(w, u, ci, co, flip)`: Winograd's kernel transform `U = G g G^T`
+ * into U `[16][ci][co]`, four output channels a vector, g the 3 x 3 kernel
+ * of each channel pair of w `[3, 3, ci, co]`; or, with `flip`, of w `[3, 3,
+ * co, ci]` turned by 180 degrees with its channel axes swapped (the input
+ * gradient's kernel), read four scalars a vector.
+ */
+function kernelTransform(): string {
+  const taps = [...Array(9).keys()];
+  const g = (i: number, j: number) => `g${i * 3 + j}`;
+  // G x = (x0, (x0 + x1 + x2) / 2, (x0 - x1 + x2) / 2, x2).
+  const gx = (x: (k: number) => string) => [
+    `(local.get $${x(0)})`,
+    `(f32x4.mul (local.get $half) (f32x4.add ${f4("add", x(0), x(1))} (local.get $${x(2)})))`,
+    `(f32x4.mul (local.get $half) (f32x4.add ${f4("sub", x(0), x(1))} (local.get $${x(2)})))`,
+    `(local.get $${x(2)})`,
+  ];
+  const plainLoads = taps.map((t) =>
+    `(local.set $g${t} (v128.load (i32.add (local.get $src) (i32.mul (local.get $ts) (i32.const ${t})))))`
+  );
+  // Flipped: tap t of the turned kernel is tap 8 - t of w, whose four
+  // output channels (w's input channels) lie ci apart.
+  const lane = (t: number, k: number) =>
+    `(f32.load (i32.add (local.get $src) (i32.add (i32.mul (local.get $ts) (i32.const ${
+      8 - t
+    })) (i32.mul (local.get $cb) (i32.const ${k})))))`;
+  const flipLoads = taps.map((t) =>
+    `(local.set $g${t} (f32x4.replace_lane 3 (f32x4.replace_lane 2 (f32x4.replace_lane 1 (f32x4.splat ${
+      lane(t, 0)
+    }) ${lane(t, 1)}) ${lane(t, 2)}) ${lane(t, 3)}))`
+  );
+  const tSet = [0, 1, 2].flatMap((j) =>
+    gx((i) => g(i, j)).map((v, p) => `(local.set $t${p}${j} ${v})`)
+  );
+  const uStores = [0, 1, 2, 3].flatMap((p) =>
+    gx((j) => `t${p}${j}`).map((v, q) =>
+      `(v128.store (i32.add (local.get $dst) (i32.mul (local.get $xs) (i32.const ${
+        p * 4 + q
+      }))) ${v})`
+    )
+  );
+  return `
+(func (export "wino_u") (param $w i32) (param $u i32) (param $ci i32) (param $co i32) (param $flip i32)
+  (local $c i32) (local $o i32) (local $src i32) (local $dst i32) (local $xs i32) (local $ts i32) (local $cb i32) (local $half v128)
+  ${taps.map((t) => `(local $g${t} v128)`).join(" ")}
+  ${[0, 1, 2, 3].flatMap((p) => [0, 1, 2].map((j) => `(local $t${p}${j} v128)`)).join(" ")}
+  (local.set $half ${splat(0.5)})
+  ;; bytes between two points xi of U, and between two taps of w
+  (local.set $xs (i32.shl (i32.mul (local.get $ci) (local.get $co)) (i32.const 2)))
+  (local.set $ts (local.get $xs))
+  ;; flipped: bytes between two of w's output channels (U's input channels)
+  (local.set $cb (i32.shl (local.get $ci) (i32.const 2)))
+  (block $cdone (loop $ins
+    (br_if $cdone (i32.ge_u (local.get $c) (local.get $ci)))
+    (local.set $o (i32.const 0))
+    (block $odone (loop $outs
+      (br_if $odone (i32.ge_u (local.get $o) (local.get $co)))
+      (local.set $dst (i32.add (local.get $u) (i32.shl (i32.add (i32.mul (local.get $c) (local.get $co)) (local.get $o)) (i32.const 2))))
+      (if (local.get $flip)
+        (then
+          ;; w [3, 3, co, ci]: element (tap, o, c)
+          (local.set $src (i32.add (local.get $w) (i32.shl (i32.add (i32.mul (local.get $o) (local.get $ci)) (local.get $c)) (i32.const 2))))
+          ${flipLoads.join("\n          ")})
+        (else
+          (local.set $src (i32.add (local.get $w) (i32.sub (local.get $dst) (local.get $u))))
+          ${plainLoads.join("\n          ")}))
+      ${tSet.join("\n      ")}
+      ${uStores.join("\n      ")}
+      (local.set $o (i32.add (local.get $o) (i32.const 4)))
+      (br $outs)))
+    (local.set $c (i32.add (local.get $c) (i32.const 1)))
+    (br $ins))))
 `;
 }
 
