@@ -9,10 +9,10 @@
  *
  * | quantity              | computed as                                                   |
  * |-----------------------|---------------------------------------------------------------|
- * | conv forward          | `tf.conv2d` with explicit symmetric padding; on webgpu an implicit-GEMM program (core/_webgpu_conv.ts) where both channel counts are multiples of 4 |
- * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved; on webgpu the implicit-GEMM program reading the kernel flipped (at stride s, per output phase) |
+ * | conv forward          | `tf.conv2d` with explicit symmetric padding; on wasm, 3x3 stride-1 padding-1, ddpm's Winograd F(2x2, 3x3) (core/_wasm_kernels.ts); on webgpu an implicit-GEMM program (core/_webgpu_conv.ts) where both channel counts are multiples of 4 |
+ * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved, or Winograd with the kernel turned (3x3, stride 1) or with the four phases side by side (4x4, stride 2); on webgpu the implicit-GEMM program reading the kernel flipped (at stride s, per output phase) |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
- * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
+ * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on wasm ddpm's kernels (Winograd F(3x3, 2x2) for 3x3 stride 1, else a GEMM per tap, phase by phase when strided); on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
  *
  * Padding is PyTorch's: `pad` zero pixels on each side of both spatial axes.
  *

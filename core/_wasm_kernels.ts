@@ -3,7 +3,14 @@
  * tests/tools/wasm_kernels.ts), working in tfjs's own wasm memory and
  * registered as tfjs kernels:
  *
- * - the weight gradient of a convolution, 2-3x faster than tfjs's way of
+ * - 3 x 3, stride-1 convolutions, forward and for the input gradient, by
+ *   Winograd's F(2x2, 3x3), and their weight gradient by F(3x3, 2x2):
+ *   2.2-2.9x XNNPACK's direct convolution and ddpm's direct weight
+ *   gradient on one core; with tfjs's threaded build, the forward one on
+ *   helper threads too (core/_wasm_winograd.ts). The UNet's upsampling
+ *   (4 x 4, stride 2, transposed) is one such convolution with its four
+ *   phases side by side (core/_conv.ts);
+ * - the weight gradient of other convolutions, 2-3x faster than tfjs's way of
  *   computing it, a convolution over the batch axis (XNNPACK, 11-23 GFLOP/s
  *   against 28-39 on the 2-core development machine); strided ones are cut
  *   into stride-1 phases by core/_conv.ts;

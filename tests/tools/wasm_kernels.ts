@@ -23,6 +23,10 @@
  *   chunks of `pc` so that a chunk of X and DY stays in cache while every
  *   tap and channel block passes over it. (Strided convolutions are cut
  *   into stride-1 phases by the caller.)
+ * - `wino_u`, `wino_in`, `wino_gemm`, `wino_out`: 3 x 3, stride-1,
+ *   padding-1 convolutions by Winograd's F(2x2, 3x3), and `wgrad_in`,
+ *   `wgrad_dy`, `wgrad_gemm`, `wgrad_out` their weight gradient by
+ *   F(3x3, 2x2) (see {@linkcode winograd} and {@linkcode weightGradient});
  * - `norm_stats`, `norm_act`: GroupNorm's statistics, and its application
  *   with SiLU, one pass each over NHWC activations;
  * - `norm_grad_sums`, `norm_grad_dx`: GroupNorm(+ SiLU)'s gradient in two
@@ -323,7 +327,8 @@ function winograd(): string {
         (i32.and (local.get $cc) (i32.const ${WINO_KC - 1}))) (i32.const 2))))`
       : `;; V[xi][l][cc]
       (local.set $dst (i32.add (local.get $v) (i32.shl (i32.add (i32.mul (local.get $l) (local.get $c)) (local.get $cc)) (i32.const 2))))`;
-    const channels = (load: string[]) => `(local.set $cc (i32.const 0))
+    const channels = (load: string[]) =>
+      `(local.set $cc (i32.const 0))
       (block $cdone (loop $chans
         (br_if $cdone (i32.ge_u (local.get $cc) (local.get $c)))
         (local.set $src (i32.add (local.get $base) (i32.shl (local.get $cc) (i32.const 2))))
@@ -487,8 +492,12 @@ function kernelTransform(): string {
   // G x = (x0, (x0 + x1 + x2) / 2, (x0 - x1 + x2) / 2, x2).
   const gx = (x: (k: number) => string) => [
     `(local.get $${x(0)})`,
-    `(f32x4.mul (local.get $half) (f32x4.add ${f4("add", x(0), x(1))} (local.get $${x(2)})))`,
-    `(f32x4.mul (local.get $half) (f32x4.add ${f4("sub", x(0), x(1))} (local.get $${x(2)})))`,
+    `(f32x4.mul (local.get $half) (f32x4.add ${
+      f4("add", x(0), x(1))
+    } (local.get $${x(2)})))`,
+    `(f32x4.mul (local.get $half) (f32x4.add ${
+      f4("sub", x(0), x(1))
+    } (local.get $${x(2)})))`,
     `(local.get $${x(2)})`,
   ];
   const plainLoads = taps.map((t) =>
@@ -519,7 +528,10 @@ function kernelTransform(): string {
 (func (export "wino_u") (param $w i32) (param $u i32) (param $ci i32) (param $co i32) (param $flip i32)
   (local $c i32) (local $o i32) (local $src i32) (local $dst i32) (local $xs i32) (local $ts i32) (local $cb i32) (local $half v128)
   ${taps.map((t) => `(local $g${t} v128)`).join(" ")}
-  ${[0, 1, 2, 3].flatMap((p) => [0, 1, 2].map((j) => `(local $t${p}${j} v128)`)).join(" ")}
+  ${
+    [0, 1, 2, 3].flatMap((p) => [0, 1, 2].map((j) => `(local $t${p}${j} v128)`))
+      .join(" ")
+  }
   (local.set $half ${splat(0.5)})
   ;; bytes between two points xi of U, and between two taps of w
   (local.set $xs (i32.shl (i32.mul (local.get $ci) (local.get $co)) (i32.const 2)))
