@@ -4,8 +4,8 @@
  * Thin by design: each command parses its options, calls the library
  * (`mod.ts`) and reports. Progress, warnings and errors go to stderr,
  * produced file paths to stdout. `main(args)` returns the exit code (0 ok,
- * 1 failure, 2 usage error, 130 interrupted); only the `import.meta.main`
- * block exits.
+ * 1 failure, 2 usage error, 130 interrupted, 143 stopped by SIGTERM); only
+ * the `import.meta.main` block exits.
  *
  * @example
  * ```ts ignore
@@ -79,7 +79,8 @@ COMMANDS
 OPTIONS
   -h, --help  show this help; <command> --help shows the command's options
 
-Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted (Ctrl-C).
+Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted (Ctrl-C), 143
+stopped by SIGTERM.
 Set DDPM_DEBUG=1 to print stack traces of unexpected errors.
 `;
 
@@ -98,7 +99,8 @@ Files in --out: checkpoint.safetensors (live and EMA weights, optimizer, step,
 settings), metrics.jsonl (one line per step), loss.png, samples.png (at the
 end) and samples/step_N.png (every --sample-every steps).
 
-Ctrl-C finishes the current step, writes the checkpoint and exits 130;
+Ctrl-C (or SIGTERM) finishes the current step, writes the checkpoint and exits
+130 (143);
 --resume continues from it with the recorded settings (no other flags needed).
 
 OPTIONS
@@ -200,8 +202,39 @@ OPTIONS
 /** A mistake in the command line: one line, exit code 2. */
 class UsageError extends Error {}
 
-/** The user pressed Ctrl-C: exit code 130. */
-class Interrupted extends Error {}
+/** Ctrl-C (SIGINT, exit code 130) or SIGTERM (143) stopped the command. */
+class Interrupted extends Error {
+  constructor(readonly code = 130) {
+    super("interrupted");
+  }
+}
+
+/**
+ * The signals that stop a command cleanly: Ctrl-C, and SIGTERM (what `kill`
+ * and job schedulers send) where the platform has it.
+ */
+const STOP_SIGNALS: Deno.Signal[] = Deno.build.os === "windows"
+  ? ["SIGINT"]
+  : ["SIGINT", "SIGTERM"];
+
+/** The exit code for a stop by `signal`: 128 + its number. */
+const stopCode = (signal: Deno.Signal) => signal === "SIGTERM" ? 143 : 130;
+
+/**
+ * Call `f` with the signal when one of {@linkcode STOP_SIGNALS} arrives.
+ *
+ * @returns A function that removes the listeners.
+ */
+function onStopSignal(f: (signal: Deno.Signal) => void): () => void {
+  const listeners = STOP_SIGNALS.map((sig) => {
+    const l = () => f(sig);
+    Deno.addSignalListener(sig, l);
+    return [sig, l] as const;
+  });
+  return () => {
+    for (const [sig, l] of listeners) Deno.removeSignalListener(sig, l);
+  };
+}
 
 const useColor = () =>
   Deno.env.get("NO_COLOR") === undefined && Deno.stderr.isTerminal();
@@ -841,13 +874,15 @@ async function trainLoop(
   },
 ): Promise<number> {
   const controller = new AbortController();
-  const onSigint = () => {
+  let stopSignal: Deno.Signal = "SIGINT";
+  const onSignal = (sig: Deno.Signal) => {
     if (!controller.signal.aborted) {
+      stopSignal = sig;
       progress.stop();
       say(
-        "ddpm: interrupted; finishing the current step and writing the checkpoint",
+        `ddpm: interrupted (${sig}); finishing the current step and writing the checkpoint`,
       );
-      controller.abort(new Interrupted("interrupted"));
+      controller.abort(new Interrupted(stopCode(sig)));
     }
   };
   const total = run.setup.steps;
@@ -868,7 +903,7 @@ async function trainLoop(
       (1 / spi).toFixed(1)
     } img/s elapsed ${fmtDuration(m.elapsedSec)} eta ${eta}`;
   const data = run.setup.data as unknown as DataDescription;
-  Deno.addSignalListener("SIGINT", onSigint);
+  const stopListening = onStopSignal(onSignal);
   let result;
   try {
     result = await run.train({
@@ -937,7 +972,7 @@ async function trainLoop(
       },
     });
   } finally {
-    Deno.removeSignalListener("SIGINT", onSigint);
+    stopListening();
     progress.stop();
   }
   const why = {
@@ -956,7 +991,7 @@ async function trainLoop(
   console.log(result.metrics);
   console.log(result.lossCurve);
   if (result.samples !== null) console.log(result.samples);
-  return result.stopped === "signal" ? 130 : 0;
+  return result.stopped === "signal" ? stopCode(stopSignal) : 0;
 }
 
 // ---------------------------------------------------------------- sample
@@ -1190,9 +1225,10 @@ async function sampleFromArgs(
     }), seed ${seed}, ${model.weights} weights of step ${model.step}`;
     say(`sampling ${checked.n} images with ${describe}`);
     const controller = new AbortController();
-    const onSigint = () => controller.abort(new Interrupted("interrupted"));
     let progress: Progress | null = null;
-    Deno.addSignalListener("SIGINT", onSigint);
+    const stopListening = onStopSignal((sig) =>
+      controller.abort(new Interrupted(stopCode(sig)))
+    );
     let images: tf.Tensor4D;
     const t0 = performance.now();
     // On WebGPU the UNet's dispatches are recorded once and replayed.
@@ -1222,10 +1258,10 @@ async function sampleFromArgs(
         },
       });
     } catch (e) {
-      if (controller.signal.aborted) throw new Interrupted("interrupted");
+      if (controller.signal.aborted) throw controller.signal.reason;
       throw e;
     } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
+      stopListening();
       (progress as Progress | null)?.stop();
       eps.dispose();
     }
@@ -1533,7 +1569,8 @@ const COMMANDS: Record<string, (args: string[]) => Promise<number> | number> = {
  * Run the command line.
  *
  * @param args The arguments after the program name.
- * @returns The exit code: 0 ok, 1 failure, 2 usage error, 130 interrupted.
+ * @returns The exit code: 0 ok, 1 failure, 2 usage error, 130 interrupted, 143
+ * stopped by SIGTERM.
  * @example
  * ```ts ignore
  * import { main } from "./cli.ts";
@@ -1570,7 +1607,7 @@ export async function main(args: string[]): Promise<number> {
     }
     if (e instanceof Interrupted) {
       say("ddpm: interrupted");
-      return 130;
+      return e.code;
     }
     const message = e instanceof Error ? e.message : String(e);
     say(`ddpm ${command}: ${oneLine(message)}`);

@@ -538,51 +538,56 @@ Deno.test("sample runs wasm on one thread per core by default, --threads and DDP
   );
 });
 
-Deno.test("Ctrl-C during training finishes the step, writes the checkpoint and exits 130", async () => {
-  const out = `${root}/interrupted`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      CLI,
-      "train",
-      ...TINY,
-      "--no-samples",
-      "--steps",
-      "1000",
-      "--out",
-      out,
-    ],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).spawn();
-  const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-  let seen = "";
-  while (!/^step 1\/1000/m.test(seen)) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    seen += value;
-  }
-  child.kill("SIGINT");
-  while (true) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    seen += value;
-  }
-  const status = await child.status;
-  await child.stdout.cancel();
-  assert.equal(status.code, 130, seen);
-  assert.match(seen, /interrupted/);
-  const file = decodeSafetensors(
-    await Deno.readFile(`${out}/checkpoint.safetensors`),
-  );
-  const step = Number(file.metadata.step);
-  assert.ok(step >= 1 && step < 1000, seen);
-  const lines = (await Deno.readTextFile(`${out}/metrics.jsonl`)).split("\n")
-    .filter((l) => l !== "");
-  assert.equal(lines.length, step);
-});
+for (
+  const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143]] as const
+) {
+  Deno.test(`${signal} during training (${signal === "SIGINT" ? "Ctrl-C" : "kill"}) finishes the step, writes the checkpoint and exits ${code}`, async () => {
+    const out = `${root}/interrupted_${signal}`;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        CLI,
+        "train",
+        ...TINY,
+        "--no-samples",
+        "--steps",
+        "1000",
+        "--out",
+        out,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    const reader = child.stderr.pipeThrough(new TextDecoderStream())
+      .getReader();
+    let seen = "";
+    while (!/^step 1\/1000/m.test(seen)) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      seen += value;
+    }
+    child.kill(signal);
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      seen += value;
+    }
+    const status = await child.status;
+    await child.stdout.cancel();
+    assert.equal(status.code, code, seen);
+    assert.match(seen, /interrupted/);
+    const file = decodeSafetensors(
+      await Deno.readFile(`${out}/checkpoint.safetensors`),
+    );
+    const step = Number(file.metadata.step);
+    assert.ok(step >= 1 && step < 1000, seen);
+    const lines = (await Deno.readTextFile(`${out}/metrics.jsonl`)).split("\n")
+      .filter((l) => l !== "");
+    assert.equal(lines.length, step);
+  });
+}
 
 Deno.test({
   name: "clean up the temporary folder",
