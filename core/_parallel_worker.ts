@@ -4,7 +4,8 @@
  * returns the shard's share of the loss and its gradients.
  *
  * A `node:worker_threads` worker. Messages in: `{ kind: "init", config, backend, keys, threads }`, then
- * `{ kind: "step", id, weights?, xt, t, eps, shape, total }`. Out:
+ * `{ kind: "step", id, buffer, weights, shape, total }` (the arrays in a
+ * shared buffer: see `StepMessage` in `_parallel.ts`). Out:
  * `{ kind: "ready" }`, `{ kind: "grads", id, loss, grads }` or
  * `{ kind: "error", id, message }`.
  *
@@ -14,7 +15,7 @@ import { parentPort } from "node:worker_threads";
 import { setWasmThreads } from "./wasm_threads.ts";
 import { activateCpuBackend, tf } from "./backend.ts";
 import { UNet, type UNetConfig } from "./unet.ts";
-import { type ShardInput, shardLoss } from "./_parallel.ts";
+import { shardLoss, type StepMessage, unpack } from "./_parallel.ts";
 
 interface InitMessage {
   kind: "init";
@@ -22,11 +23,6 @@ interface InitMessage {
   backend: "wasm" | "cpu";
   keys: string[];
   threads: number;
-}
-
-interface StepMessage extends ShardInput {
-  kind: "step";
-  id: number;
 }
 
 let unet: UNet | null = null;
@@ -44,7 +40,8 @@ async function init(m: InitMessage): Promise<void> {
   post({ kind: "ready", backend: tf.getBackend() });
 }
 
-async function step(m: StepMessage): Promise<void> {
+async function step(message: StepMessage): Promise<void> {
+  const m = unpack(message);
   const model = unet!;
   if (m.weights !== null) {
     tf.tidy(() => {
@@ -73,7 +70,7 @@ async function step(m: StepMessage): Promise<void> {
   // Copies: a cpu-backend read may be the tensor's own storage.
   const arrays = values.slice(1).map((a) => (a as Float32Array).slice());
   post(
-    { kind: "grads", id: m.id, loss: values[0][0], grads: arrays },
+    { kind: "grads", id: message.id, loss: values[0][0], grads: arrays },
     arrays.map((a) => a.buffer as ArrayBuffer),
   );
 }

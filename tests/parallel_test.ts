@@ -4,7 +4,13 @@ import { initBackend, tf } from "../core/backend.ts";
 import { makeSchedule } from "../core/schedule.ts";
 import { disposeTrainerState, Trainer } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
-import { shardLoss, shardRows } from "../core/_parallel.ts";
+import {
+  pack,
+  type ShardInput,
+  shardLoss,
+  shardRows,
+  unpack,
+} from "../core/_parallel.ts";
 
 await initBackend("cpu");
 
@@ -15,6 +21,49 @@ Deno.test("shardRows cuts a batch into contiguous shards, larger first, as by ha
   // Fewer rows than shards: the empty ones are left out.
   assert.deepEqual(shardRows(2, 4), [[0, 1], [1, 1]]);
   assert.deepEqual(shardRows(1, 1), [[0, 1]]);
+});
+
+Deno.test("a shard's arrays travel in a shared buffer: unpacked equal to what was packed, as copies, with or without weights", () => {
+  const shape: [number, number, number, number] = [2, 1, 3, 1];
+  const input = (weights: Float32Array[] | null): ShardInput => ({
+    weights,
+    xt: Float32Array.from([1, 2, 3, 4, 5, 6]),
+    eps: Float32Array.from([-1, -2, -3, -4, -5, -6]),
+    t: Int32Array.from([7, 999]),
+    shape,
+    total: 12,
+  });
+  for (
+    const weights of [
+      [Float32Array.from([0.5]), Float32Array.from([1, 2])],
+      null,
+    ]
+  ) {
+    const sent = input(weights);
+    const buffer = new SharedArrayBuffer(4 * 17); // the most it holds
+    pack(buffer, sent);
+    const got = unpack({
+      kind: "step",
+      id: 1,
+      buffer,
+      weights: weights?.map((w) => w.length) ?? null,
+      shape,
+      total: 12,
+    });
+    // Copies: the pool rewrites the buffer for the next step.
+    new Uint8Array(buffer).fill(0);
+    const plain = (x: ShardInput) =>
+      JSON.stringify([
+        x.weights?.map((w) => Array.from(w)) ?? null,
+        Array.from(x.xt),
+        Array.from(x.eps),
+        Array.from(x.t),
+        x.shape,
+        x.total,
+      ]);
+    assert.equal(plain(got), plain(sent));
+    assert.ok(!(got.xt.buffer instanceof SharedArrayBuffer));
+  }
 });
 
 Deno.test("shardLoss of the shards adds up to the batch's mean squared error", () => {
