@@ -246,7 +246,7 @@ register("DdpmFilterGrad", (b, k, { x, dy }, { kh, kw }, at) => {
 });
 
 /** Input channels per block of Winograd's transformed input (tests/tools/wasm_kernels.ts). */
-const WINO_KC = 64;
+export const WINO_KC = 64;
 
 /** Tiles per chunk: its transformed input and products, about 384 KB, stay in L2. */
 export function winogradChunk(c: number, co: number): number {

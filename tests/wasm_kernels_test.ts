@@ -2,7 +2,11 @@ import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { conv2d, conv2dTranspose } from "../core/_conv.ts";
 import { groupNorm, groupNormSilu } from "../core/_layers.ts";
-import { wasmConv3x3, wasmConv3x3FilterGrad } from "../core/_wasm_kernels.ts";
+import {
+  wasmConv3x3,
+  wasmConv3x3FilterGrad,
+  WINO_KC,
+} from "../core/_wasm_kernels.ts";
 import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
 import {
   evalInChild,
@@ -11,7 +15,12 @@ import {
   randoms,
   relErr,
 } from "./_util.ts";
-import { assembleKernels, BIN_PATH, binSource } from "./tools/wasm_kernels.ts";
+import {
+  assembleKernels,
+  BIN_PATH,
+  binSource,
+  WINO_KC as ASSEMBLED_KC,
+} from "./tools/wasm_kernels.ts";
 
 Deno.test("the committed wasm kernels are the ones tests/tools/wasm_kernels.ts assembles from its text", async () => {
   const { plain, shared } = await assembleKernels();
@@ -21,6 +30,8 @@ Deno.test("the committed wasm kernels are the ones tests/tools/wasm_kernels.ts a
     binSource(plain, shared),
     "stale: run deno run -A tests/tools/wasm_kernels.ts",
   );
+  // The caller sizes the transformed input's blocks as the text lays them.
+  assert.equal(WINO_KC, ASSEMBLED_KC);
 });
 
 /** Which kernels a conv's weight gradient ran, and the gradient. */
