@@ -287,6 +287,9 @@ function helpersOf(b: WasmBackendLike): Helpers | null {
           new URL("./_wasm_helper_worker.ts", import.meta.url),
         );
         worker.postMessage({ memory, ctrl: ctrl.buffer, index: i });
+        // A helper that fails to start (its file missing from a bundle, say)
+        // never becomes ready, and the caller computes without it.
+        worker.on("error", () => {});
         worker.unref();
       }
       pool = { ctrl, count };
