@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { setWasmThreads } from "../core/wasm_threads.ts";
-import { naiveConv, type Shape4, size } from "./_conv_ref.ts";
+import { naiveConv, naiveConvT, type Shape4, size } from "./_conv_ref.ts";
 import {
   type ChildRun,
   evalInChild,
@@ -93,7 +93,7 @@ Deno.test("wasm with DDPM_WASM_THREADS=2 runs tfjs's threaded build and ddpm's w
   assert.ok(Math.abs(got - want) < 1e-4, `dW centre tap: ${got} vs ${want}`);
 });
 
-Deno.test("with DDPM_WASM_THREADS=2 a helper thread takes chunks of ddpm's Winograd convolutions: values and input gradients match float64, and the process exits by itself", async () => {
+Deno.test("with DDPM_WASM_THREADS=2 a helper thread takes chunks of ddpm's Winograd convolutions: values, input gradients and the upsampling match float64, and the process exits by itself", async () => {
   const url = (p: string) => new URL(p, import.meta.url).href;
   const xs: Shape4 = [3, 30, 32, 16];
   const ws: Shape4 = [3, 3, 16, 24];
@@ -103,9 +103,13 @@ Deno.test("with DDPM_WASM_THREADS=2 a helper thread takes chunks of ddpm's Winog
     randoms(size(ws), 2),
     randoms(size(ys), 3),
   ];
+  // The upsampling: a 4x4, stride-2 transposed convolution, 16 -> 8 channels.
+  const us: Shape4 = [4, 4, 8, 16];
+  const os: Shape4 = [3, 60, 64, 8];
+  const u = randoms(size(us), 4);
   const code = `
     import { initBackend, tf } from "${url("../core/backend.ts")}";
-    import { conv2d } from "${url("../core/_conv.ts")}";
+    import { conv2d, conv2dTranspose } from "${url("../core/_conv.ts")}";
     import { winogradHelperChunks } from "${url("../core/_wasm_kernels.ts")}";
     await initBackend("wasm");
     import { randoms } from "${url("./_util.ts")}";
@@ -124,21 +128,26 @@ Deno.test("with DDPM_WASM_THREADS=2 a helper thread takes chunks of ddpm's Winog
       dx = f(xt).grad;
       calls++;
     } while (winogradHelperChunks() === 0 && calls < 500);
+    const ut = tf.tensor4d(randoms(${size(us)}, 4), ${JSON.stringify(us)});
+    const up = conv2dTranspose(xt, ut, ${JSON.stringify(os)}, 2, 1);
     console.log(JSON.stringify({
       chunks: winogradHelperChunks(),
       y: Array.from(await y.data()),
       dx: Array.from(await dx.data()),
+      up: Array.from(await up.data()),
     }));
   `;
   const out = await evalInChild(code, { DDPM_WASM_THREADS: "2" });
   assert.equal(out.code, 0, out.stderr);
-  const got = lastJson<{ chunks: number; y: number[]; dx: number[] }>(
-    out.stdout,
-  );
+  const got = lastJson<
+    { chunks: number; y: number[]; dx: number[]; up: number[] }
+  >(out.stdout);
   assert.ok(got.chunks > 0, "the helper computed no chunk");
   const want = naiveConv(x, xs, w, ws, r, 1, 1);
   assert.ok(relErr(got.y, want.y) < 3e-6, `y: ${relErr(got.y, want.y)}`);
   assert.ok(relErr(got.dx, want.dx) < 3e-6, `dx: ${relErr(got.dx, want.dx)}`);
+  const up = naiveConvT(x, xs, u, us, null, os, 2, 1).y;
+  assert.ok(relErr(got.up, up) < 3e-6, `upsampling: ${relErr(got.up, up)}`);
 });
 
 Deno.test("setWasmThreads rejects counts outside 1..8", () => {
