@@ -94,6 +94,25 @@ interface Kernels extends WinogradKernels {
   ): void;
   wgrad_out(m: number, dw: number, c: number, co: number): void;
   wino_u(w: number, u: number, ci: number, co: number, flip: number): void;
+  adamw(
+    p: number,
+    m: number,
+    v: number,
+    g: number,
+    p2: number,
+    m2: number,
+    v2: number,
+    n: number,
+    decay: number,
+    om1: number,
+    b2: number,
+    om2: number,
+    bc2: number,
+    eps: number,
+    ss: number,
+    decays: number,
+  ): void;
+  ema(e: number, p: number, out: number, n: number, c: number): void;
   filter_grad(
     x: number,
     dy: number,
@@ -651,6 +670,105 @@ export function wasmConv3x3FilterGrad(
       nt,
     }) as tf.Tensor4D;
   });
+}
+
+/** AdamW's coefficients, JS numbers (each becomes a float32 as a tfjs scalar would). */
+export interface AdamWCoefficients {
+  /** `1 - lr weightDecay`, or 1 for none (the multiply is then skipped). */
+  decay: number;
+  beta1: number;
+  beta2: number;
+  /** `sqrt(1 - beta2^t)`. */
+  biasCorrection2Sqrt: number;
+  eps: number;
+  /** `lr / (1 - beta1^t)`. */
+  stepSize: number;
+}
+
+register("DdpmAdamW", (b, k, { p, m, v, g }, attrs, at) => {
+  const c = attrs as unknown as AdamWCoefficients;
+  const outs = [0, 1, 2].map(() => b.makeOutput(p.shape, "float32"));
+  const [pp, pm, pv, pg, p2, m2, v2] = [p, m, v, g, ...outs].map(at);
+  k.adamw(
+    pp,
+    pm,
+    pv,
+    pg,
+    p2,
+    m2,
+    v2,
+    tf.util.sizeFromShape(p.shape),
+    c.decay,
+    1 - c.beta1,
+    c.beta2,
+    1 - c.beta2,
+    c.biasCorrection2Sqrt,
+    c.eps,
+    c.stepSize,
+    c.decay === 1 ? 0 : 1,
+  );
+  return outs;
+});
+
+register("DdpmEmaStep", (b, k, { e, p }, { oneMinusDecay }, at) => {
+  const out = b.makeOutput(e.shape, "float32");
+  k.ema(at(e), at(p), at(out), tf.util.sizeFromShape(e.shape), oneMinusDecay);
+  return out;
+});
+
+/** Whether the update kernels below apply: ddpm's wasm kernels run, float32. */
+function updateApplies(...ts: tf.Tensor[]): boolean {
+  return ts.every((t) => t.dtype === "float32") && wasmKernelsReady();
+}
+
+/**
+ * One parameter's AdamW update on the wasm backend in one kernel of ddpm's
+ * (SIMD, four elements at a time) instead of about 14 tfjs ops and their
+ * scalar uploads, with the same float32 results as core/optim.ts's tfjs ops
+ * (the same operations in the same order, none fused); null elsewhere
+ * (another backend, another dtype, DDPM_WASM_KERNELS=0).
+ *
+ * @param p The parameter.
+ * @param m Its first moment.
+ * @param v Its second moment.
+ * @param g Its gradient.
+ * @param c The step's coefficients.
+ * @returns `[p, m, v]` after the step, or null.
+ */
+export function wasmAdamW(
+  p: tf.Tensor,
+  m: tf.Tensor,
+  v: tf.Tensor,
+  g: tf.Tensor,
+  c: AdamWCoefficients,
+): [tf.Tensor, tf.Tensor, tf.Tensor] | null {
+  if (!updateApplies(p, m, v, g)) return null;
+  return tf.engine().runKernel(
+    "DdpmAdamW",
+    { p, m, v, g },
+    c as unknown as tf.NamedAttrMap,
+  ) as unknown as [tf.Tensor, tf.Tensor, tf.Tensor];
+}
+
+/**
+ * One average's EMA update `e - (e - p) (1 - d)` on the wasm backend in one
+ * kernel instead of three tfjs ops, with their float32 results; null
+ * elsewhere.
+ *
+ * @param e The average.
+ * @param p The parameter.
+ * @param oneMinusDecay `1 - d`.
+ * @returns The new average, or null.
+ */
+export function wasmEmaStep(
+  e: tf.Tensor,
+  p: tf.Tensor,
+  oneMinusDecay: number,
+): tf.Tensor | null {
+  if (!updateApplies(e, p)) return null;
+  return tf.engine().runKernel("DdpmEmaStep", { e, p }, {
+    oneMinusDecay,
+  }) as tf.Tensor;
 }
 
 /** Whether the GroupNorm kernels take x: non-empty, C a multiple of 4, on wasm. */

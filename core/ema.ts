@@ -34,6 +34,7 @@
  * @module
  */
 import { tf } from "./backend.ts";
+import { wasmEmaStep } from "./_wasm_kernels.ts";
 import {
   emaStep,
   flattenInOrder,
@@ -296,7 +297,11 @@ export class Ema {
       tf.tidy(() => {
         for (const [key, e] of current) {
           const p = params.get(key)!;
-          e.assign(tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)));
+          // On wasm one kernel, with the same results as the three ops.
+          e.assign(
+            wasmEmaStep(e, p, 1 - d) ??
+              tf.sub(e, tf.mul(tf.sub(e, p), 1 - d)),
+          );
         }
       });
       this.#current = "params";

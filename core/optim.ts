@@ -30,6 +30,7 @@
  * @module
  */
 import { tf } from "./backend.ts";
+import { wasmAdamW } from "./_wasm_kernels.ts";
 import {
   adamwMoments,
   adamwParam,
@@ -237,6 +238,21 @@ export class AdamW {
         const p = this.params.get(key)!;
         const m = this.#expAvg.get(key)!;
         const v = this.#expAvgSq.get(key)!;
+        // On wasm, the steps below in one kernel, with the same results.
+        const fused = wasmAdamW(p, m, v, g, {
+          decay: weightDecay === 0 ? 1 : 1 - lr * weightDecay,
+          beta1,
+          beta2,
+          biasCorrection2Sqrt,
+          eps,
+          stepSize,
+        });
+        if (fused !== null) {
+          m.assign(fused[1]);
+          v.assign(fused[2]);
+          p.assign(fused[0]);
+          continue;
+        }
         // 1. decoupled weight decay
         const decayed = weightDecay === 0 ? p : tf.mul(p, 1 - lr * weightDecay);
         // 2. moments (torch: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2))

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
 import { AdamW, type AdamWConfig } from "../core/optim.ts";
+import { Ema } from "../core/ema.ts";
 
 await initBackend("cpu");
 
@@ -227,4 +228,63 @@ Deno.test("AdamW leaks no tensors across construction, steps, state and dispose"
   opt.dispose();
   assert.equal(tf.memory().numTensors, before);
   w.dispose();
+});
+
+Deno.test("on wasm, AdamW and the EMA run ddpm's update kernels and equal the cpu backend's tfjs ops bit for bit", async () => {
+  const sizes = [7, 64, 1, 33]; // lengths not a multiple of 4: the scalar tail
+  const run = (config: Partial<AdamWConfig>) => {
+    const params = new Map(
+      sizes.map((n, i) => [
+        `p${i}`,
+        tf.variable(tf.randomNormal([n], 0, 1, "float32", 10 + i)),
+      ]),
+    );
+    const opt = new AdamW(params, config);
+    const ema = new Ema(params, { decay: 0.9, mode: "constant" });
+    for (let step = 0; step < 4; step++) {
+      const grads = new Map(
+        sizes.map((n, i) => [
+          `p${i}`,
+          tf.randomNormal([n], 0, 10 ** (i - 2), "float32", 1 + 100 * step + i),
+        ]),
+      );
+      opt.step(grads);
+      ema.update(params);
+      tf.dispose([...grads.values()]);
+    }
+    const state = opt.getState();
+    const out = [
+      ...params.values(),
+      ...state.expAvg.values(),
+      ...state.expAvgSq.values(),
+      ...ema.params.values(),
+    ].map((t) => t.dataSync().slice() as Float32Array);
+    tf.dispose([...state.expAvg.values(), ...state.expAvgSq.values()]);
+    opt.dispose();
+    ema.dispose();
+    tf.dispose([...params.values()]);
+    return out;
+  };
+  for (
+    const config of [
+      { lr: 1e-2, weightDecay: 0.01, eps: 1e-8 },
+      { lr: 3e-3, weightDecay: 0, beta1: 0.8, beta2: 0.99 },
+    ]
+  ) {
+    await initBackend("wasm");
+    const info = await tf.profile(() => {
+      run(config);
+    });
+    const wasm = run(config);
+    await initBackend("cpu");
+    const cpu = run(config);
+    assert.ok(info.kernelNames.includes("DdpmAdamW"), info.kernelNames.join());
+    assert.ok(info.kernelNames.includes("DdpmEmaStep"));
+    wasm.forEach((a, i) => {
+      const b = cpu[i];
+      const same = a.length === b.length &&
+        a.every((x, j) => Object.is(x, b[j]));
+      assert.ok(same, `tensor ${i} with ${JSON.stringify(config)}`);
+    });
+  }
 });
