@@ -17,7 +17,10 @@
  * - GroupNorm's statistics, and its application with SiLU, one pass each
  *   where tfjs's composite makes about a dozen ops;
  * - GroupNorm(+ SiLU)'s gradient, two passes that recompute the normalised
- *   input and SiLU's factor instead of keeping a dozen full-size tensors.
+ *   input and SiLU's factor instead of keeping a dozen full-size tensors;
+ * - AdamW's and the EMA's update of a parameter, one SIMD pass each, the
+ *   same float32 operations in the same order as core/optim.ts's and
+ *   core/ema.ts's tfjs ops.
  *
  * For the weight gradient, the input and the output gradient are laid on
  * the input's padded grid `[N, H + 2 pad, W + 2 pad, C]` (the gradient at

@@ -30,7 +30,9 @@
  * - `norm_stats`, `norm_act`: GroupNorm's statistics, and its application
  *   with SiLU, one pass each over NHWC activations;
  * - `norm_grad_sums`, `norm_grad_dx`: GroupNorm(+ SiLU)'s gradient in two
- *   passes, recomputing the normalised input and SiLU's factor.
+ *   passes, recomputing the normalised input and SiLU's factor;
+ * - `adamw`, `ema`: the optimizer's elementwise updates (see
+ *   {@linkcode updateKernels}).
  *
  * Two builds differ only in how they import tfjs's memory: plain (tfjs's
  * single-threaded wasm) and shared (its threaded build).
