@@ -492,79 +492,113 @@ ${kernelTransform()}
  * - `ema(e, p, out, n, c)`: `out = e - (e - p) c`.
  */
 function updateKernels(): string {
+  /**
+   * A loop over `$off` of an elementwise update, written once for both
+   * widths: four lanes (`v128` values, `f32x4` ops, coefficients splatted
+   * into `$<name>4`) up to the last whole vector, then one lane (`f32`) to
+   * `$n`. `body` gets the width's ops: `op(name, ...args)`, `load(base)`,
+   * `store(base, value)`, `x(name)` (a value local: `$<name>v` or
+   * `$<name>s`) and `k(name)` (a coefficient).
+   */
+  const loops = (
+    body: (w: {
+      op: (name: string, ...args: string[]) => string;
+      load: (base: string) => string;
+      store: (base: string, value: string) => string;
+      x: (name: string) => string;
+      k: (name: string) => string;
+    }) => string,
+  ) =>
+    [true, false].map((simd) => {
+      const at = (base: string) =>
+        `(i32.add (local.get $${base}) (local.get $off))`;
+      const label = simd ? "vec" : "one";
+      const end = simd
+        ? `(i32.shl (i32.and (local.get $n) (i32.const -4)) (i32.const 2))`
+        : `(i32.shl (local.get $n) (i32.const 2))`;
+      return `(local.set $end ${end})
+  (block $${label}done (loop $${label}
+    (br_if $${label}done (i32.ge_u (local.get $off) (local.get $end)))
+    ${
+        body({
+          op: (name, ...args) =>
+            `(${simd ? "f32x4" : "f32"}.${name} ${args.join(" ")})`,
+          load: (base) => `(${simd ? "v128" : "f32"}.load ${at(base)})`,
+          store: (base, value) =>
+            `(${simd ? "v128" : "f32"}.store ${at(base)} ${value})`,
+          x: (name) => `$${name}${simd ? "v" : "s"}`,
+          k: (name) => `(local.get $${name}${simd ? "4" : ""})`,
+        })
+      }
+    (local.set $off (i32.add (local.get $off) (i32.const ${simd ? 16 : 4})))
+    (br $${label})))`;
+    }).join("\n  ");
+  const get = (local: string) => `(local.get ${local})`;
+  const splats = (names: string[]) =>
+    names.map((c) => `(local.set $${c}4 (f32x4.splat (local.get $${c})))`)
+      .join("\n  ");
+  const adamw = loops(({ op, load, store, x, k }) => {
+    const [g, p, m, v] = ["g", "p", "m", "v"].map(x);
+    return [
+      `(local.set ${g} ${load("g")})`,
+      `(local.set ${p} ${load("p")})`,
+      `(if (local.get $decays) (then (local.set ${p} ${
+        op("mul", get(p), k("decay"))
+      })))`,
+      `(local.set ${m} ${load("m")})`,
+      `(local.set ${m} ${
+        op("add", get(m), op("mul", op("sub", get(g), get(m)), k("om1")))
+      })`,
+      `(local.set ${v} ${
+        op(
+          "add",
+          op("mul", load("v"), k("b2")),
+          op("mul", op("mul", get(g), get(g)), k("om2")),
+        )
+      })`,
+      store("m2", get(m)),
+      store("v2", get(v)),
+      store(
+        "p2",
+        op(
+          "sub",
+          get(p),
+          op(
+            "mul",
+            op(
+              "div",
+              get(m),
+              op("add", op("div", op("sqrt", get(v)), k("bc2")), k("eps")),
+            ),
+            k("ss"),
+          ),
+        ),
+      ),
+    ].join("\n    ");
+  });
+  const ema = loops(({ op, load, store, x, k }) => {
+    const e = x("e");
+    return [
+      `(local.set ${e} ${load("e")})`,
+      store(
+        "out",
+        op("sub", get(e), op("mul", op("sub", get(e), load("p")), k("c"))),
+      ),
+    ].join("\n    ");
+  });
   return `
 (func (export "adamw") (param $p i32) (param $m i32) (param $v i32) (param $g i32) (param $p2 i32) (param $m2 i32) (param $v2 i32) (param $n i32)
   (param $decay f32) (param $om1 f32) (param $b2 f32) (param $om2 f32) (param $bc2 f32) (param $eps f32) (param $ss f32) (param $decays i32)
   (local $off i32) (local $end i32) (local $gv v128) (local $mv v128) (local $pv v128) (local $vv v128)
   (local $decay4 v128) (local $om14 v128) (local $b24 v128) (local $om24 v128) (local $bc24 v128) (local $eps4 v128) (local $ss4 v128)
   (local $gs f32) (local $ms f32) (local $ps f32) (local $vs f32)
-  (local.set $decay4 (f32x4.splat (local.get $decay)))
-  (local.set $om14 (f32x4.splat (local.get $om1)))
-  (local.set $b24 (f32x4.splat (local.get $b2)))
-  (local.set $om24 (f32x4.splat (local.get $om2)))
-  (local.set $bc24 (f32x4.splat (local.get $bc2)))
-  (local.set $eps4 (f32x4.splat (local.get $eps)))
-  (local.set $ss4 (f32x4.splat (local.get $ss)))
-  ;; four at a time
-  (local.set $end (i32.shl (i32.and (local.get $n) (i32.const -4)) (i32.const 2)))
-  (block $vdone (loop $vec
-    (br_if $vdone (i32.ge_u (local.get $off) (local.get $end)))
-    (local.set $gv (v128.load (i32.add (local.get $g) (local.get $off))))
-    (local.set $pv (v128.load (i32.add (local.get $p) (local.get $off))))
-    (if (local.get $decays) (then (local.set $pv (f32x4.mul (local.get $pv) (local.get $decay4)))))
-    (local.set $mv (v128.load (i32.add (local.get $m) (local.get $off))))
-    (local.set $mv (f32x4.add (local.get $mv) (f32x4.mul (f32x4.sub (local.get $gv) (local.get $mv)) (local.get $om14))))
-    (local.set $vv (f32x4.add
-      (f32x4.mul (v128.load (i32.add (local.get $v) (local.get $off))) (local.get $b24))
-      (f32x4.mul (f32x4.mul (local.get $gv) (local.get $gv)) (local.get $om24))))
-    (v128.store (i32.add (local.get $m2) (local.get $off)) (local.get $mv))
-    (v128.store (i32.add (local.get $v2) (local.get $off)) (local.get $vv))
-    (v128.store (i32.add (local.get $p2) (local.get $off))
-      (f32x4.sub (local.get $pv) (f32x4.mul
-        (f32x4.div (local.get $mv) (f32x4.add (f32x4.div (f32x4.sqrt (local.get $vv)) (local.get $bc24)) (local.get $eps4)))
-        (local.get $ss4))))
-    (local.set $off (i32.add (local.get $off) (i32.const 16)))
-    (br $vec)))
-  ;; the rest one at a time
-  (local.set $end (i32.shl (local.get $n) (i32.const 2)))
-  (block $sdone (loop $one
-    (br_if $sdone (i32.ge_u (local.get $off) (local.get $end)))
-    (local.set $gs (f32.load (i32.add (local.get $g) (local.get $off))))
-    (local.set $ps (f32.load (i32.add (local.get $p) (local.get $off))))
-    (if (local.get $decays) (then (local.set $ps (f32.mul (local.get $ps) (local.get $decay)))))
-    (local.set $ms (f32.load (i32.add (local.get $m) (local.get $off))))
-    (local.set $ms (f32.add (local.get $ms) (f32.mul (f32.sub (local.get $gs) (local.get $ms)) (local.get $om1))))
-    (local.set $vs (f32.add
-      (f32.mul (f32.load (i32.add (local.get $v) (local.get $off))) (local.get $b2))
-      (f32.mul (f32.mul (local.get $gs) (local.get $gs)) (local.get $om2))))
-    (f32.store (i32.add (local.get $m2) (local.get $off)) (local.get $ms))
-    (f32.store (i32.add (local.get $v2) (local.get $off)) (local.get $vs))
-    (f32.store (i32.add (local.get $p2) (local.get $off))
-      (f32.sub (local.get $ps) (f32.mul
-        (f32.div (local.get $ms) (f32.add (f32.div (f32.sqrt (local.get $vs)) (local.get $bc2)) (local.get $eps)))
-        (local.get $ss))))
-    (local.set $off (i32.add (local.get $off) (i32.const 4)))
-    (br $one))))
+  ${splats(["decay", "om1", "b2", "om2", "bc2", "eps", "ss"])}
+  ${adamw})
 
 (func (export "ema") (param $e i32) (param $p i32) (param $out i32) (param $n i32) (param $c f32)
   (local $off i32) (local $end i32) (local $ev v128) (local $c4 v128) (local $es f32)
-  (local.set $c4 (f32x4.splat (local.get $c)))
-  (local.set $end (i32.shl (i32.and (local.get $n) (i32.const -4)) (i32.const 2)))
-  (block $vdone (loop $vec
-    (br_if $vdone (i32.ge_u (local.get $off) (local.get $end)))
-    (local.set $ev (v128.load (i32.add (local.get $e) (local.get $off))))
-    (v128.store (i32.add (local.get $out) (local.get $off))
-      (f32x4.sub (local.get $ev) (f32x4.mul (f32x4.sub (local.get $ev) (v128.load (i32.add (local.get $p) (local.get $off)))) (local.get $c4))))
-    (local.set $off (i32.add (local.get $off) (i32.const 16)))
-    (br $vec)))
-  (local.set $end (i32.shl (local.get $n) (i32.const 2)))
-  (block $sdone (loop $one
-    (br_if $sdone (i32.ge_u (local.get $off) (local.get $end)))
-    (local.set $es (f32.load (i32.add (local.get $e) (local.get $off))))
-    (f32.store (i32.add (local.get $out) (local.get $off))
-      (f32.sub (local.get $es) (f32.mul (f32.sub (local.get $es) (f32.load (i32.add (local.get $p) (local.get $off)))) (local.get $c))))
-    (local.set $off (i32.add (local.get $off) (i32.const 4)))
-    (br $one))))
+  ${splats(["c"])}
+  ${ema})
 `;
 }
 
