@@ -43,6 +43,7 @@ import {
   CONTROL_SLOTS,
   DONE,
   FAILED,
+  type InputTransform,
   JOB,
   MAX_HELPERS,
   NEXT,
@@ -65,17 +66,7 @@ import {
 
 /** The exports of ddpm's wasm kernels. */
 interface Kernels extends WinogradKernels {
-  wgrad_in(
-    x: number,
-    v: number,
-    h: number,
-    w: number,
-    c: number,
-    th: number,
-    tw: number,
-    t0: number,
-    nt: number,
-  ): void;
+  wgrad_in: InputTransform;
   wgrad_dy(
     dy: number,
     d: number,

@@ -18,19 +18,26 @@
  * @module
  */
 
+/**
+ * Winograd's input transform of the tiles t0 .. t0 + nt of x `[N, h, w, c]`
+ * into v (`wino_in` for the forward product, `wgrad_in` for the weight
+ * gradient's; see tests/tools/wasm_kernels.ts).
+ */
+export type InputTransform = (
+  x: number,
+  v: number,
+  h: number,
+  w: number,
+  c: number,
+  th: number,
+  tw: number,
+  t0: number,
+  nt: number,
+) => void;
+
 /** The exports of ddpm's kernels that the chunk loop calls. */
 export interface WinogradKernels {
-  wino_in(
-    x: number,
-    v: number,
-    h: number,
-    w: number,
-    c: number,
-    th: number,
-    tw: number,
-    t0: number,
-    nt: number,
-  ): void;
+  wino_in: InputTransform;
   wino_gemm(
     v: number,
     u: number,
