@@ -267,17 +267,27 @@ Deno.test("on wasm, GroupNorm (+ SiLU)'s gradient runs ddpm's two kernels and ma
   await initBackend("cpu");
 });
 
+/**
+ * Shapes for the Winograd kernels, forward and weight gradient: input, output
+ * channels, tiles per chunk (0: the default).
+ */
+const WINOGRAD_CASES: { xs: Shape4; co: number; nt: number }[] = [
+  // Odd sizes: output tiles cut at both edges, dy padded to whole tiles.
+  { xs: [2, 5, 7, 4], co: 8, nt: 0 },
+  // Chunks of 5 tiles: 1-5 rows per micro-kernel block.
+  { xs: [3, 8, 8, 64], co: 24, nt: 5 },
+  // 3 blocks of the transformed input, the last of 4 channels; for the
+  // weight gradient, channel blocks of 6 and no rest.
+  { xs: [2, 6, 9, 132], co: 16, nt: 7 },
+  // One pixel: one tile, three quarters cut.
+  { xs: [1, 1, 1, 8], co: 8, nt: 0 },
+  { xs: [2, 4, 4, 12], co: 8, nt: 1 },
+];
+
 Deno.test("on wasm, Winograd's F(2x2, 3x3) matches a float64 convolution, with a bias, flipped, in chunks of any size, and leaves other shapes to tfjs", async () => {
   await initBackend("wasm");
   const before = tf.memory().numTensors;
-  const cases: { xs: Shape4; co: number; nt: number }[] = [
-    { xs: [2, 5, 7, 4], co: 8, nt: 0 }, // odd sizes: tiles cut at both edges
-    { xs: [3, 8, 8, 64], co: 24, nt: 5 }, // chunks of 5 tiles: 1-5 rows per block
-    { xs: [2, 6, 9, 132], co: 16, nt: 7 }, // 3 channel blocks, the last of 4
-    { xs: [1, 1, 1, 8], co: 8, nt: 0 }, // one pixel: one tile, three quarters cut
-    { xs: [2, 4, 4, 12], co: 8, nt: 1 },
-  ];
-  for (const [i, { xs, co, nt }] of cases.entries()) {
+  for (const [i, { xs, co, nt }] of WINOGRAD_CASES.entries()) {
     const ci = xs[3];
     const x = randoms(size(xs), 10 * i);
     const w = randoms(9 * ci * co, 10 * i + 1);
@@ -352,14 +362,7 @@ Deno.test("on wasm, Winograd's F(2x2, 3x3) matches a float64 convolution, with a
 Deno.test("on wasm, the Winograd weight gradient F(3x3, 2x2) matches a float64 one, in chunks of any size, and conv2d's gradient runs it for 3x3, stride 1, padding 1, Cin a multiple of 4", async () => {
   await initBackend("wasm");
   const before = tf.memory().numTensors;
-  const cases: { xs: Shape4; co: number; nt: number }[] = [
-    { xs: [2, 5, 7, 4], co: 8, nt: 0 }, // odd sizes: dy padded to whole tiles
-    { xs: [3, 8, 8, 64], co: 24, nt: 5 }, // ragged chunks
-    { xs: [2, 6, 9, 132], co: 16, nt: 7 }, // channel blocks of 6 and a rest of 0
-    { xs: [1, 1, 1, 8], co: 8, nt: 0 }, // one pixel
-    { xs: [2, 4, 4, 12], co: 8, nt: 1 },
-  ];
-  for (const [i, { xs, co, nt }] of cases.entries()) {
+  for (const [i, { xs, co, nt }] of WINOGRAD_CASES.entries()) {
     const ws: Shape4 = [3, 3, xs[3], co];
     const ys: Shape4 = [xs[0], xs[1], xs[2], co];
     const [x, w, r] = [
