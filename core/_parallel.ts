@@ -97,15 +97,31 @@ export interface StepMessage {
   total: number;
 }
 
+/** A shard's arrays in {@linkcode StepMessage}'s order. */
+function shardArrays(input: ShardInput): (Float32Array | Int32Array)[] {
+  return [...(input.weights ?? []), input.xt, input.eps, input.t];
+}
+
 /**
- * Pack a shard's arrays into `buffer` (large enough) in {@linkcode StepMessage}'s order.
+ * The bytes a shard's arrays take in the shared buffer.
+ *
+ * @param input The shard's inputs.
+ * @returns Their total byte length.
+ */
+export function packedBytes(input: ShardInput): number {
+  return shardArrays(input).reduce((s, a) => s + a.byteLength, 0);
+}
+
+/**
+ * Pack a shard's arrays into `buffer` (at least {@linkcode packedBytes}
+ * long) in {@linkcode StepMessage}'s order.
  *
  * @param buffer The shared buffer.
  * @param input The shard's inputs.
  */
 export function pack(buffer: SharedArrayBuffer, input: ShardInput): void {
   let at = 0;
-  for (const a of [...(input.weights ?? []), input.xt, input.eps, input.t]) {
+  for (const a of shardArrays(input)) {
     new Uint8Array(buffer, at, a.byteLength).set(
       new Uint8Array(a.buffer, a.byteOffset, a.byteLength),
     );
@@ -289,8 +305,7 @@ export class GradientPool {
     }
     if (this.#failure !== null) return Promise.reject(this.#failure);
     const id = this.#nextId++;
-    const arrays = [...(input.weights ?? []), input.xt, input.eps, input.t];
-    const bytes = arrays.reduce((s, a) => s + a.byteLength, 0);
+    const bytes = packedBytes(input);
     // The worker is done with its last step's arrays (steps are awaited
     // before the next starts), so the buffer is rewritten in place.
     let buffer = this.#buffers[i];
