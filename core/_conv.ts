@@ -97,13 +97,15 @@ function convOutSize(n: number, k: number, stride: number, pad: number) {
 /**
  * The taps of output phase `a` (outputs o = s q + a) along one axis of a
  * transposed convolution with kernel size k: kernel indices r, r + s, ...
- * (`count` of them), input index q + m - j for tap r + s j.
+ * (`count` of them), input index q + m - j for tap r + s j. With the
+ * taps read flipped, the phase is a stride-1 convolution of the input
+ * padded by `before = count - 1 - m` in front.
  */
 function phaseTaps(k: number, a: number, stride: number, pad: number) {
   const r = (a + pad) % stride;
   const m = Math.floor((a + pad) / stride);
   const count = r < k ? Math.ceil((k - r) / stride) : 0;
-  return { r, m, count };
+  return { r, m, count, before: count - 1 - m };
 }
 
 /** Pad (positive amounts) or crop (negative amounts) the spatial borders. */
@@ -154,11 +156,11 @@ function subPixelAdjoint(
     cin % 4 !== 0 || !wasmKernelsReady()
   ) return null;
   // Per axis and phase: the taps r + 2 i, read flipped, sit at rows e ..
-  // e + count - 1 of the 3 x 3 window (e = 1 - the phase's top padding).
+  // e + count - 1 of the 3 x 3 window (e = 1 - the phase's padding before).
   const axis = (k: number) =>
     [0, 1].map((a) => {
       const t = phaseTaps(k, a, 2, pad);
-      return { ...t, e: 1 - (t.count - 1 - t.m) };
+      return { ...t, e: 1 - t.before };
     });
   const [ay, ax] = [axis(kh), axis(kw)];
   if (
@@ -291,8 +293,7 @@ function adjoint(
           tapRows.push(tf.concat(tapCols, 1));
         }
         const sub = tf.concat(tapRows, 0);
-        const top = ty.count - 1 - ty.m;
-        const left = tx.count - 1 - tx.m;
+        const [top, left] = [ty.before, tx.before];
         const bottom = qh - h - top + ty.count - 1;
         const right = qw - wd - left + tx.count - 1;
         // Padding inside the convolution kernel where it can be (no copy).

@@ -505,7 +505,8 @@ export function wasmConv3x3(
   // Flipped: w is [3, 3, Cout, Cin].
   const [ci, co] = flip ? [w.shape[3], w.shape[2]] : [w.shape[2], w.shape[3]];
   if (
-    kh !== 3 || kw !== 3 || ci % 4 !== 0 || co % (depthToSpace ? 16 : 8) ||
+    kh !== 3 || kw !== 3 || ci % 4 !== 0 ||
+    co % (depthToSpace ? 16 : 8) !== 0 ||
     x.size === 0 ||
     !wasmKernelsReady()
   ) return null;
