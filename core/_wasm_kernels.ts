@@ -351,6 +351,41 @@ function waitFor(ctrl: Int32Array, slot: number, value: number): void {
   }
 }
 
+/**
+ * Run a job with the helpers: post it with each helper's scratch (V, M
+ * offsets in turn), compute chunks here with `own`, then cancel the job for
+ * the helpers that have not claimed it and wait for those that have.
+ */
+function runWithHelpers(
+  helpers: Helpers,
+  job: WinogradJob,
+  scratch: number[],
+  own: () => void,
+): void {
+  const ctrl = helpers.ctrl;
+  writeJob(ctrl, job);
+  for (let i = 0; i < 2 * helpers.count; i++) ctrl[SCRATCH + i] = scratch[i];
+  Atomics.store(ctrl, NEXT, 0);
+  const id = Atomics.load(ctrl, JOB) + 1;
+  // Helpers not started yet sit this job out.
+  const started: number[] = [];
+  for (let i = 0; i < helpers.count; i++) {
+    if (Atomics.load(ctrl, READY + i) === 1) started.push(i);
+    else Atomics.store(ctrl, TAKEN + i, id);
+  }
+  Atomics.store(ctrl, JOB, id);
+  Atomics.notify(ctrl, JOB);
+  own();
+  for (const i of started) {
+    if (Atomics.compareExchange(ctrl, TAKEN + i, id - 1, id) !== id - 1) {
+      waitFor(ctrl, DONE + i, id);
+    }
+  }
+  if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
+    throw new Error("a Winograd helper thread failed");
+  }
+}
+
 register(
   "DdpmWinograd",
   (b, k, { x, w: kernel, bias }, { nt: ntAttr, ph, flip }, at) => {
@@ -389,40 +424,22 @@ register(
       nt,
       ph,
     };
-    k.wino_u(at(kernel), job.u, c, co, flip);
-    const [v, m] = [at(scratch[1]), at(scratch[2])];
-    if (helpers === null) {
-      runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
-    } else {
-      const ctrl = helpers.ctrl;
-      writeJob(ctrl, job);
-      for (let i = 0; i < helpers.count; i++) {
-        ctrl[SCRATCH + 2 * i] = at(scratch[3 + 2 * i]);
-        ctrl[SCRATCH + 2 * i + 1] = at(scratch[4 + 2 * i]);
+    try {
+      k.wino_u(at(kernel), job.u, c, co, flip);
+      const [v, m] = [at(scratch[1]), at(scratch[2])];
+      if (helpers === null) {
+        runChunks(k, job, new Int32Array(CONTROL_SLOTS), v, m);
+      } else {
+        runWithHelpers(
+          helpers,
+          job,
+          scratch.slice(3).map(at),
+          () => runChunks(k, job, helpers.ctrl, v, m),
+        );
       }
-      Atomics.store(ctrl, NEXT, 0);
-      const id = Atomics.load(ctrl, JOB) + 1;
-      // Helpers not started yet sit this job out.
-      const started: number[] = [];
-      for (let i = 0; i < helpers.count; i++) {
-        if (Atomics.load(ctrl, READY + i) === 1) started.push(i);
-        else Atomics.store(ctrl, TAKEN + i, id);
-      }
-      Atomics.store(ctrl, JOB, id);
-      Atomics.notify(ctrl, JOB);
-      runChunks(k, job, ctrl, v, m);
-      // Cancel for the helpers that have not claimed the job; wait for the others.
-      for (const i of started) {
-        if (Atomics.compareExchange(ctrl, TAKEN + i, id - 1, id) !== id - 1) {
-          waitFor(ctrl, DONE + i, id);
-        }
-      }
-      if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
-        for (const t of scratch) b.disposeData(t.dataId);
-        throw new Error("a Winograd helper thread failed");
-      }
+    } finally {
+      for (const t of scratch) b.disposeData(t.dataId);
     }
-    for (const t of scratch) b.disposeData(t.dataId);
     return out;
   },
 );
