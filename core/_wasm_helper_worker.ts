@@ -9,7 +9,7 @@
  * @module
  */
 import { parentPort } from "node:worker_threads";
-import { KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
+import { kernelBytes } from "./_wasm_kernels_bin.ts";
 import {
   CHUNKS,
   DONE,
@@ -30,10 +30,12 @@ parentPort?.once("message", (data: unknown) => {
     index: number;
   };
   const ctrl = new Int32Array(buffer);
-  const bytes = Uint8Array.from(atob(KERNELS_SHARED), (c) => c.charCodeAt(0));
-  const k = new WebAssembly.Instance(new WebAssembly.Module(bytes), {
-    env: { memory },
-  }).exports as unknown as WinogradKernels;
+  const k = new WebAssembly.Instance(
+    new WebAssembly.Module(kernelBytes(true)),
+    {
+      env: { memory },
+    },
+  ).exports as unknown as WinogradKernels;
   let seen = Atomics.load(ctrl, JOB);
   Atomics.store(ctrl, READY + index, 1);
   for (;;) {

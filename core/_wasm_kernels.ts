@@ -37,7 +37,7 @@
  * @module
  */
 import { tf } from "./backend.ts";
-import { KERNELS_PLAIN, KERNELS_SHARED } from "./_wasm_kernels_bin.ts";
+import { kernelBytes } from "./_wasm_kernels_bin.ts";
 import {
   CHUNKS,
   CONTROL_SLOTS,
@@ -175,10 +175,6 @@ interface Kernels extends WinogradKernels {
 /** Our kernels per tfjs wasm module (null: they cannot run there). */
 const instances = new WeakMap<object, Kernels | null>();
 
-function decode(b64: string): Uint8Array<ArrayBuffer> {
-  return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
-}
-
 /** Our kernels, instantiated on the memory of the backend's wasm module. */
 function kernelsOf(backend: WasmBackendLike): Kernels | null {
   const mod = backend.wasm;
@@ -188,7 +184,7 @@ function kernelsOf(backend: WasmBackendLike): Kernels | null {
   if (memory instanceof WebAssembly.Memory && !wasmKernelsSwitchedOff()) {
     const shared = typeof SharedArrayBuffer !== "undefined" &&
       memory.buffer instanceof SharedArrayBuffer;
-    const bytes = decode(shared ? KERNELS_SHARED : KERNELS_PLAIN);
+    const bytes = kernelBytes(shared);
     // Invalid where relaxed SIMD is not supported.
     if (WebAssembly.validate(bytes)) {
       try {

@@ -622,3 +622,9 @@ export const KERNELS_SHARED = [
   "BSANaiEFIAggDWohCCAOQQFrIg4NAAsgASANaiEBIAIgDWohAiAGIA1qIQYgByANaiEHIAlBAWsi",
   "CQ0ACws=",
 ].join("");
+
+/** The module's bytes, importing a shared memory (tfjs's threaded build) or a plain one. */
+export function kernelBytes(shared: boolean): Uint8Array<ArrayBuffer> {
+  const b64 = shared ? KERNELS_SHARED : KERNELS_PLAIN;
+  return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+}

@@ -1200,6 +1200,12 @@ export function binSource(plain: Uint8Array, shared: Uint8Array): string {
     ...wrap(b64(shared)),
     '].join("");',
     "",
+    "/** The module's bytes, importing a shared memory (tfjs's threaded build) or a plain one. */",
+    "export function kernelBytes(shared: boolean): Uint8Array<ArrayBuffer> {",
+    "  const b64 = shared ? KERNELS_SHARED : KERNELS_PLAIN;",
+    "  return Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));",
+    "}",
+    "",
   ].join("\n");
 }
 
