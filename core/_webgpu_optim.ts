@@ -193,21 +193,23 @@ registerProgramKernel("DdpmAdamWMoments", (inputs, attrs) => {
 
 registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
   program: {
-    variableNames: attrs.gated === 1 ? ["p", "mv", "gate"] : ["p", "mv"],
+    variableNames: attrs.gated === 1
+      ? ["p", "mv", "step", "gate"]
+      : ["p", "mv", "step"],
     shaderKey: `ddpmAdamWParam${attrs.gated === 1 ? "Gated" : ""}`,
     size: true,
-    uniforms:
-      "start : i32, total : i32, decay : f32, biasCorrection2Sqrt : f32, eps : f32, stepSize : f32,",
+    uniforms: "start : i32, total : i32, decay : f32, eps : f32,",
     ...flatFrame(inputs[0].shape),
+    // step = [stepSize, biasCorrection2Sqrt]: a tensor, not uniforms, since
+    // they change every step (see adamwStepScalars).
     getUserCode: () => `
   fn main(index : i32) {
     if (index < uniforms.size) {
       ${attrs.gated === 1 ? GATE_CHECK("p[index]") : ""}
       let m = mv[uniforms.start + index];
       let v = mv[uniforms.total + uniforms.start + index];
-      let denom = sqrt(v) / uniforms.biasCorrection2Sqrt + uniforms.eps;
-      setOutputAtIndex(index,
-        p[index] * uniforms.decay - (m / denom) * uniforms.stepSize);
+      let denom = sqrt(v) / step[1] + uniforms.eps;
+      setOutputAtIndex(index, p[index] * uniforms.decay - (m / denom) * step[0]);
     }
   }`,
   },
@@ -215,29 +217,28 @@ registerProgramKernel("DdpmAdamWParam", (inputs, attrs) => ({
     { type: "int32", data: [attrs.start as number] },
     { type: "int32", data: [attrs.total as number] },
     { type: "float32", data: [attrs.decay as number] },
-    { type: "float32", data: [attrs.biasCorrection2Sqrt as number] },
     { type: "float32", data: [attrs.eps as number] },
-    { type: "float32", data: [attrs.stepSize as number] },
   ],
 }));
 
 registerProgramKernel("DdpmEma", (inputs, attrs) => ({
   program: {
-    variableNames: attrs.gated === 1 ? ["e", "p", "gate"] : ["e", "p"],
+    // oneMinusDecay: a one-element tensor (the decay may change every update).
+    variableNames: attrs.gated === 1
+      ? ["e", "p", "oneMinusDecay", "gate"]
+      : ["e", "p", "oneMinusDecay"],
     shaderKey: `ddpmEma${attrs.gated === 1 ? "Gated" : ""}`,
     size: true,
-    uniforms: "oneMinusDecay : f32,",
     ...flatFrame(inputs[0].shape),
     getUserCode: () => `
   fn main(index : i32) {
     if (index < uniforms.size) {
       let ei = e[index];
       ${attrs.gated === 1 ? GATE_CHECK("ei") : ""}
-      setOutputAtIndex(index, ei - (ei - p[index]) * uniforms.oneMinusDecay);
+      setOutputAtIndex(index, ei - (ei - p[index]) * oneMinusDecay[0]);
     }
   }`,
   },
-  uniforms: [{ type: "float32", data: [attrs.oneMinusDecay as number] }],
 }));
 
 function run(
@@ -370,16 +371,29 @@ export function adamwMoments(
   });
 }
 
-/** The scalars of one AdamW weight update (see core/optim.ts). */
+/** The constant scalars of AdamW's weight update (see core/optim.ts). */
 export interface AdamWUpdate {
   /** 1 - lr weightDecay (1 when weightDecay is 0). */
   decay: number;
-  /** sqrt(1 - beta2^t). */
-  biasCorrection2Sqrt: number;
   /** eps. */
   eps: number;
-  /** lr / (1 - beta1^t). */
-  stepSize: number;
+}
+
+/**
+ * The scalars of AdamW's weight update that change with the step t, as the
+ * `step` tensor of {@linkcode adamwParam} takes them: lr / (1 - beta1^t)
+ * and sqrt(1 - beta2^t).
+ *
+ * @param config lr, beta1 and beta2.
+ * @param t The step being taken (1 for the first).
+ * @returns `[stepSize, biasCorrection2Sqrt]`.
+ */
+export function adamwStepScalars(
+  config: { lr: number; beta1: number; beta2: number },
+  t: number,
+): [number, number] {
+  const { lr, beta1, beta2 } = config;
+  return [lr / (1 - beta1 ** t), Math.sqrt(1 - beta2 ** t)];
 }
 
 /**
@@ -388,7 +402,8 @@ export interface AdamWUpdate {
  * @param p The parameter.
  * @param mv The new packed moments, 2 `total` elements.
  * @param at Where p's moments start in each half, and the half's length.
- * @param u The step's scalars.
+ * @param u The update's constant scalars.
+ * @param step The step's scalars, a float32 tensor from {@linkcode adamwStepScalars}.
  * @param gate Optional {@linkcode finiteGate}: where it is 0, `p` unchanged.
  * @returns The new weight, a new tensor shaped as `p`.
  */
@@ -397,11 +412,13 @@ export function adamwParam(
   mv: tf.Tensor,
   at: { start: number; total: number },
   u: AdamWUpdate,
+  step: tf.Tensor,
   gate?: tf.Tensor,
 ): tf.Tensor {
+  const attrs = { ...at, ...u, gated: gate === undefined ? 0 : 1 };
   return gate === undefined
-    ? run("DdpmAdamWParam", { p, mv }, { ...at, ...u, gated: 0 })
-    : run("DdpmAdamWParam", { p, mv, gate }, { ...at, ...u, gated: 1 });
+    ? run("DdpmAdamWParam", { p, mv, step }, attrs)
+    : run("DdpmAdamWParam", { p, mv, step, gate }, attrs);
 }
 
 /**
@@ -409,20 +426,19 @@ export function adamwParam(
  *
  * @param e The average.
  * @param p The parameter, shaped as `e`.
- * @param decay The decay d.
+ * @param oneMinusDecay 1 - d, a one-element float32 tensor.
  * @param gate Optional {@linkcode finiteGate}: where it is 0, `e` unchanged.
  * @returns The new average, a new tensor shaped as `e`.
  */
 export function emaStep(
   e: tf.Tensor,
   p: tf.Tensor,
-  decay: number,
+  oneMinusDecay: tf.Tensor,
   gate?: tf.Tensor,
 ): tf.Tensor {
-  const oneMinusDecay = 1 - decay;
   return gate === undefined
-    ? run("DdpmEma", { e, p }, { oneMinusDecay, gated: 0 })
-    : run("DdpmEma", { e, p, gate }, { oneMinusDecay, gated: 1 });
+    ? run("DdpmEma", { e, p, oneMinusDecay }, { gated: 0 })
+    : run("DdpmEma", { e, p, oneMinusDecay, gate }, { gated: 1 });
 }
 
 /**
@@ -453,3 +469,26 @@ export const REWIND: unique symbol = Symbol("rewind");
  * off the public API.
  */
 export const STEP_FLAT: unique symbol = Symbol("AdamW.stepFlat");
+
+/**
+ * The key of {@linkcode AdamW}'s next-step scalars `[stepSize,
+ * biasCorrection2Sqrt]`, a method `() => [number, number]`; and of
+ * `Ema`'s next `[1 - decay]`, a method `() => [number]`: the tensors their
+ * fused steps read (the trainer passes them in, so that a replayed step
+ * gets new values).
+ */
+export const STEP_SCALARS: unique symbol = Symbol("stepScalars");
+
+/**
+ * The key of a getter of {@linkcode AdamW} and `Ema`: their packed WebGPU
+ * variable (moments, or averages), or null while they keep one variable
+ * per key.
+ */
+export const PACKED: unique symbol = Symbol("packed");
+
+/**
+ * The key of `Ema`'s method `() => void` that counts a packed update run
+ * without it (a replayed training step) and marks the packed average
+ * current.
+ */
+export const REPLAYED: unique symbol = Symbol("replayed");

@@ -38,8 +38,11 @@ import { wasmEmaStep } from "./_wasm_kernels.ts";
 import {
   emaStep,
   flattenInOrder,
+  PACKED,
+  REPLAYED,
   REWIND,
   sliceInOrder,
+  STEP_SCALARS,
 } from "./_webgpu_optim.ts";
 
 /** How the EMA decay grows with the number of updates; see the module notes. */
@@ -254,6 +257,7 @@ export class Ema {
   [UPDATE_GATED](
     params: ReadonlyMap<string, tf.Tensor>,
     gate?: tf.Tensor,
+    oneMinusDecay?: tf.Tensor,
   ): number {
     for (const [key, e] of this.#params) {
       const p = params.get(key);
@@ -284,7 +288,10 @@ export class Ema {
       }
       const packed = this.#packed!;
       tf.tidy(() => {
-        packed.assign(emaStep(packed, flattenInOrder(params, keys), d, gate));
+        const rate = oneMinusDecay ?? tf.tensor1d([1 - d]);
+        packed.assign(
+          emaStep(packed, flattenInOrder(params, keys), rate, gate),
+        );
       });
       this.#current = "packed";
     } else {
@@ -313,6 +320,26 @@ export class Ema {
   /** Set the update count back (see `REWIND` in core/_webgpu_optim.ts). */
   [REWIND](count: number): void {
     this.#optimizationStep = count;
+  }
+
+  /** The next update's `[1 - decay]` (see `STEP_SCALARS` in core/_webgpu_optim.ts). */
+  [STEP_SCALARS](): [number] {
+    return [1 - emaDecay(this.#optimizationStep + 1, this.config)];
+  }
+
+  /** The packed average of the WebGPU updates, or null (see `PACKED` in core/_webgpu_optim.ts). */
+  get [PACKED](): tf.Variable | null {
+    return this.#current === "params" ? null : this.#packed;
+  }
+
+  /**
+   * Account for a packed update that ran without this object (a replayed
+   * training step, core/_webgpu_replay.ts): count it, and mark the packed
+   * average as the current one.
+   */
+  [REPLAYED](): void {
+    this.#optimizationStep++;
+    this.#current = "packed";
   }
 
   /**

@@ -34,11 +34,14 @@ import { wasmAdamW } from "./_wasm_kernels.ts";
 import {
   adamwMoments,
   adamwParam,
+  adamwStepScalars,
   type FlatClip,
   flattenInOrder,
+  PACKED,
   REWIND,
   sliceInOrder,
   STEP_FLAT,
+  STEP_SCALARS,
 } from "./_webgpu_optim.ts";
 
 /** Hyper-parameters of {@linkcode AdamW}. */
@@ -231,8 +234,7 @@ export class AdamW {
     this.#unpack();
     const { lr, beta1, beta2, eps, weightDecay } = this.config;
     const t = this.#step + 1;
-    const stepSize = lr / (1 - beta1 ** t);
-    const biasCorrection2Sqrt = Math.sqrt(1 - beta2 ** t);
+    const [stepSize, biasCorrection2Sqrt] = adamwStepScalars(this.config, t);
     tf.tidy(() => {
       for (const [key, g] of grads) {
         const p = this.params.get(key)!;
@@ -276,6 +278,7 @@ export class AdamW {
     flat: tf.Tensor,
     clip: FlatClip | null,
     gate?: tf.Tensor,
+    step?: tf.Tensor,
   ): void {
     if (flat.size !== this.#total || !this.#packable) {
       throw new TypeError(
@@ -286,20 +289,29 @@ export class AdamW {
     const packed = this.#packed!;
     const { lr, beta1, beta2, eps, weightDecay } = this.config;
     const t = this.#step + 1;
-    const update = {
-      decay: weightDecay === 0 ? 1 : 1 - lr * weightDecay,
-      biasCorrection2Sqrt: Math.sqrt(1 - beta2 ** t),
-      eps,
-      stepSize: lr / (1 - beta1 ** t),
-    };
+    const update = { decay: weightDecay === 0 ? 1 : 1 - lr * weightDecay, eps };
     tf.tidy(() => {
+      const scalars = step ?? tf.tensor1d(this[STEP_SCALARS]());
       packed.assign(adamwMoments(flat, packed, { beta1, beta2 }, clip, gate));
       for (const [key, p] of this.params) {
         const at = { start: this.#starts.get(key)!, total: this.#total };
-        p.assign(adamwParam(p, packed, at, update, gate));
+        p.assign(adamwParam(p, packed, at, update, scalars, gate));
       }
     });
     this.#step = t;
+  }
+
+  /**
+   * The next step's `[stepSize, biasCorrection2Sqrt]` (see
+   * `adamwStepScalars`): what `STEP_FLAT` reads from its `step` tensor.
+   */
+  [STEP_SCALARS](): [number, number] {
+    return adamwStepScalars(this.config, this.#step + 1);
+  }
+
+  /** The packed moments `[m | v]` of the fused WebGPU step, or null before it. */
+  get [PACKED](): tf.Variable | null {
+    return this.#packed;
   }
 
   /** Set the step count back (see `REWIND` in core/_webgpu_optim.ts). */
