@@ -279,28 +279,46 @@ function takeFromPool(pool: Backend["bufferManager"], buffer: GPUBuffer) {
 const STORAGE = () =>
   GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
+/**
+ * State a recorded training step carries from one call to the next: the
+ * step read `before` (an old weight, moment or average) and wrote `after`
+ * (its new value, which the state's tensor holds afterwards). A replay
+ * first copies `after` into `before`, then runs the recording.
+ */
+interface Carried {
+  before: GPUBuffer;
+  after: GPUBuffer;
+}
+
 /** One recorded call, for one shape of inputs. */
 class Replay {
   readonly steps: Step[];
   readonly dispatches: number;
   stale = false;
-  /** Buffers that existed before the capture (weights, kept uniforms). */
-  readonly #preexisting: Set<GPUBuffer>;
+  /** Buffers whose release by their owner makes the recording stale. */
+  readonly #watched: Set<GPUBuffer>;
   readonly #buffers: Set<GPUBuffer>;
   readonly #staging: GPUBuffer[] = [];
 
+  /**
+   * @param inBufs Where each call's inputs are copied, in order.
+   * @param inputs Tensors made on `inBufs` (disposed with the replay).
+   * @param outputs The call's outputs, copied out for each call.
+   * @param carried The state carried from call to call.
+   */
   constructor(
     readonly backend: Backend,
-    readonly xBuf: GPUBuffer,
-    readonly tBuf: GPUBuffer,
+    readonly inBufs: GPUBuffer[],
     readonly inputs: tf.Tensor[],
-    readonly output: tf.Tensor4D,
+    readonly outputs: tf.Tensor[],
     rec: Recording,
+    readonly carried: Carried[] = [],
   ) {
-    const out = backend.tensorMap.get(output.dataId)?.resource as GPUBuffer;
     // Buffers written by the call's own commands.
     const written = new Set<GPUBuffer>();
-    const buffers = new Set<GPUBuffer>([xBuf, tBuf, out]);
+    const buffers = new Set<GPUBuffer>(inBufs);
+    for (const o of outputs) buffers.add(bufferOf(backend, o));
+    for (const c of carried) buffers.add(c.before).add(c.after);
     for (const s of rec.steps) {
       if (s.kind === "dispatch") {
         const bound = bindGroupBuffers(s.group);
@@ -350,11 +368,17 @@ class Replay {
     }
     this.dispatches = this.steps.filter((s) => s.kind === "dispatch").length;
     this.#buffers = buffers;
-    this.#preexisting = new Set(
-      [...buffers].filter((b) =>
-        !rec.acquired.has(b) && b !== xBuf && b !== tBuf
-      ),
-    );
+    // Buffers that existed before the capture (weights, kept uniforms), but
+    // not the inputs' nor the carried state's old ones (released in the
+    // call), and the carried state's new ones.
+    const mine = new Set<GPUBuffer>([
+      ...inBufs,
+      ...carried.map((c) => c.before),
+    ]);
+    this.#watched = new Set([
+      ...[...buffers].filter((b) => !rec.acquired.has(b) && !mine.has(b)),
+      ...carried.map((c) => c.after),
+    ]);
     const pool = backend.bufferManager;
     for (const b of buffers) {
       let h = held.get(b);
@@ -370,15 +394,17 @@ class Replay {
 
   /** The pool was asked to take back a held buffer. */
   ownerReleased(buffer: GPUBuffer): void {
-    if (this.#preexisting.has(buffer)) this.stale = true;
+    if (this.#watched.has(buffer)) this.stale = true;
   }
 
-  /** Encode the recorded work for new inputs; returns the output, a new tensor. */
-  run(x: tf.Tensor4D, t: tf.Tensor1D): tf.Tensor4D {
+  /** Encode the recorded work for new inputs; returns the outputs, new tensors. */
+  run(inputs: readonly tf.Tensor[]): tf.Tensor[] {
     const b = this.backend;
-    copyInto(b, x, this.xBuf);
-    copyInto(b, t, this.tBuf);
+    inputs.forEach((x, i) => copyInto(b, x, this.inBufs[i]));
     const enc = b.commandEncoder!;
+    for (const { before, after } of this.carried) {
+      enc.copyBufferToBuffer(after, 0, before, 0, after.size);
+    }
     let pass: GPUComputePassEncoder | null = null;
     for (const s of this.steps) {
       if (s.kind === "dispatch") {
@@ -394,14 +420,14 @@ class Replay {
     }
     pass?.end();
     b.dispatchCountInPass += this.dispatches;
-    return copyTensor(b, this.output);
+    return this.outputs.map((o) => copyTensor(b, o));
   }
 
   /** Hand every held buffer back (to the pool where its owner let go). */
   dispose(): void {
     // Nothing queued may still use them.
     flush(this.backend);
-    tf.dispose([this.output, ...this.inputs]);
+    tf.dispose([...this.outputs, ...this.inputs]);
     const pool = this.backend.bufferManager as unknown as {
       releaseHeld(b: GPUBuffer): void;
     };
@@ -412,18 +438,23 @@ class Replay {
       held.delete(buf);
       if (h.released) pool.releaseHeld(buf);
     }
-    pool.releaseHeld(this.xBuf);
-    pool.releaseHeld(this.tBuf);
+    for (const buf of this.inBufs) pool.releaseHeld(buf);
     for (const s of this.#staging) s.destroy();
   }
+}
+
+/** The GPU buffer of a tensor on the WebGPU backend (uploaded first if need be). */
+function bufferOf(b: Backend, t: tf.Tensor): GPUBuffer {
+  b.uploadToGPU(t.dataId);
+  return b.tensorMap.get(t.dataId)!.resource as GPUBuffer;
 }
 
 /**
  * A new float32 tensor with `src`'s values, copied through tfjs's command
  * encoder (submitted with tfjs's next batch).
  */
-function copyTensor(b: Backend, src: tf.Tensor4D): tf.Tensor4D {
-  const info = b.makeTensorInfo(src.shape, "float32");
+function copyTensor<T extends tf.Tensor>(b: Backend, src: T): T {
+  const info = b.makeTensorInfo(src.shape, src.dtype);
   b.uploadToGPU(info.dataId);
   copyInto(b, src, b.tensorMap.get(info.dataId)!.resource as GPUBuffer);
   b.commandQueueOwnedIds.add(info.dataId);
@@ -433,7 +464,7 @@ function copyTensor(b: Backend, src: tf.Tensor4D): tf.Tensor4D {
   ) {
     b.submitQueue();
   }
-  return tf.engine().makeTensorFromTensorInfo(info) as tf.Tensor4D;
+  return tf.engine().makeTensorFromTensorInfo(info) as T;
 }
 
 /** Submit tfjs's pending commands, ending its compute pass first. */
@@ -451,6 +482,117 @@ function copyInto(b: Backend, src: tf.Tensor, dst: GPUBuffer): void {
   b.endComputePassEncoder();
   b.commandEncoder!.copyBufferToBuffer(buf, 0, dst, 0, src.size * 4);
   b.commandQueueOwnedIds.add(src.dataId);
+}
+
+/** What {@linkcode captureCall} made: the call's outputs, and its replay or why there is none. */
+interface Captured {
+  /** The outputs of this call, new tensors the caller owns. */
+  outputs: tf.Tensor[];
+  replay: Replay | null;
+  /** Why `replay` is null. */
+  why: string;
+}
+
+/**
+ * Run `body` once through tfjs on copies of `inputs` that live in buffers
+ * of the replay's own, recording its WebGPU work (see the module's notes).
+ *
+ * `state`, where given, lists tensors that `body` replaces (a training
+ * step's weights, moments, averages): read before and after the call, each
+ * changed one becomes carried state, and the replay copies its new buffer
+ * into the old one before it runs again. Their old buffers are kept out of
+ * tfjs's pool during the call, so that the call cannot reuse them; an old
+ * value that something else still holds cannot be carried.
+ */
+function captureCall(
+  b: Backend,
+  body: (inputs: tf.Tensor[]) => tf.Tensor[],
+  inputs: readonly tf.Tensor[],
+  state?: () => tf.Tensor[],
+): Captured {
+  installSpies();
+  patchPool(b.bufferManager);
+  const pool = b.bufferManager;
+  const before = state?.().map((t) => bufferOf(b, t)) ?? [];
+  const pinned = before.filter((buf) => !held.has(buf));
+  for (const buf of pinned) {
+    held.set(buf, { holders: new Set(), released: false });
+  }
+  const inBufs = inputs.map((x) => pool.acquireBuffer(x.size * 4, STORAGE()));
+  const made = inputs.map((x, i) => {
+    copyInto(b, x, inBufs[i]);
+    return tf.keep(
+      tf.tensor({ buffer: inBufs[i], zeroCopy: true }, x.shape, x.dtype),
+    );
+  });
+  const rec: Recording = {
+    steps: [],
+    pipeline: null,
+    group: null,
+    bad: "",
+    acquired: new Set(),
+  };
+  const acquire = pool.acquireBuffer;
+  pool.acquireBuffer = (size, usage) => {
+    const buf = acquire.call(pool, size, usage);
+    rec.acquired.add(buf);
+    return buf;
+  };
+  let outputs: tf.Tensor[];
+  recording = rec;
+  try {
+    outputs = body(made);
+  } finally {
+    recording = null;
+    pool.acquireBuffer = acquire;
+  }
+  outputs.forEach((o) => tf.keep(o));
+  const carried: Carried[] = [];
+  if (state !== undefined) {
+    const after = state().map((t) => bufferOf(b, t));
+    // Let tfjs release what the call disposed (it waits for a submit).
+    flush(b);
+    if (after.length !== before.length) rec.bad ||= "the state changed length";
+    before.forEach((buf, i) => {
+      if (after[i] === buf) return;
+      if (!held.get(buf)?.released) {
+        rec.bad ||= "a state tensor's old value is still in use";
+      }
+      carried.push({ before: buf, after: after[i] });
+    });
+  }
+  let replay: Replay | null = null;
+  if (!rec.bad) {
+    if (
+      outputs.some((o) =>
+        !(b.tensorMap.get(o.dataId)?.resource instanceof GPUBuffer)
+      )
+    ) {
+      rec.bad = "an output is not in a GPU buffer";
+    } else {
+      try {
+        replay = new Replay(b, inBufs, made, outputs, rec, carried);
+      } catch (e) {
+        rec.bad = (e as Error).message;
+      }
+    }
+  }
+  // After the replay has taken its buffers out of the pool.
+  const copies = outputs.map((o) => copyTensor(b, o));
+  for (const buf of pinned) {
+    const h = held.get(buf)!;
+    if (h.holders.size > 0) continue;
+    held.delete(buf);
+    if (h.released) {
+      (pool as unknown as { releaseHeld(b: GPUBuffer): void }).releaseHeld(buf);
+    }
+  }
+  if (replay === null) {
+    flush(b);
+    tf.dispose([...made, ...outputs]);
+    for (const buf of inBufs) pool.releaseBuffer(buf);
+  }
+  return { outputs: copies, replay, why: rec.bad };
 }
 
 /** Whether replays are switched off (`DDPM_WEBGPU_REPLAY=0`). */
@@ -504,63 +646,14 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
   };
 
   const capture = (b: Backend, x: tf.Tensor4D, t: tf.Tensor1D) => {
-    installSpies();
-    patchPool(b.bufferManager);
-    const pool = b.bufferManager;
-    const xBuf = pool.acquireBuffer(x.size * 4, STORAGE());
-    const tBuf = pool.acquireBuffer(t.size * 4, STORAGE());
-    const xIn = tf.tensor({ buffer: xBuf, zeroCopy: true }, x.shape, x.dtype);
-    const tIn = tf.tensor({ buffer: tBuf, zeroCopy: true }, t.shape, t.dtype);
-    copyInto(b, x, xBuf);
-    copyInto(b, t, tBuf);
-    const rec: Recording = {
-      steps: [],
-      pipeline: null,
-      group: null,
-      bad: "",
-      acquired: new Set(),
-    };
-    const acquire = pool.acquireBuffer;
-    pool.acquireBuffer = (size, usage) => {
-      const buf = acquire.call(pool, size, usage);
-      rec.acquired.add(buf);
-      return buf;
-    };
-    let y: tf.Tensor4D;
-    recording = rec;
-    try {
-      y = model(xIn as tf.Tensor4D, tIn as tf.Tensor1D);
-    } finally {
-      recording = null;
-      pool.acquireBuffer = acquire;
-    }
+    const { outputs, replay, why } = captureCall(
+      b,
+      ([xIn, tIn]) => [model(xIn as tf.Tensor4D, tIn as tf.Tensor1D)],
+      [x, t],
+    );
     stats.captured++;
-    tf.keep(xIn);
-    tf.keep(tIn);
-    tf.keep(y);
-    let replay: Replay | null = null;
-    if (
-      !rec.bad && y.dtype === "float32" &&
-      b.tensorMap.get(y.dataId)?.resource instanceof GPUBuffer
-    ) {
-      try {
-        replay = new Replay(b, xBuf, tBuf, [xIn, tIn], y, rec);
-      } catch (e) {
-        rec.bad = (e as Error).message;
-      }
-    }
-    // After the replay has taken its buffers out of the pool.
-    const out = copyTensor(b, y);
-    if (replay === null) {
-      flush(b);
-      tf.dispose([xIn, tIn, y]);
-      pool.releaseBuffer(xBuf);
-      pool.releaseBuffer(tBuf);
-      giveUp(
-        `cannot replay: ${rec.bad || "the output is not a float32 buffer"}`,
-      );
-    }
-    return { out, replay };
+    if (replay === null) giveUp(`cannot replay: ${why}`);
+    return { out: outputs[0] as tf.Tensor4D, replay };
   };
 
   const fn = ((x: tf.Tensor4D, t: tf.Tensor1D) => {
@@ -587,12 +680,12 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     const replay = s.replay;
     if (s.state === "ok") {
       stats.replayed++;
-      return replay.run(x, t);
+      return replay.run([x, t])[0] as tf.Tensor4D;
     }
     if (s.state === "verify") {
       // Run both; compare bit for bit on the GPU, read the answer later.
       const want = plain(x, t);
-      const got = replay.run(x, t);
+      const got = replay.run([x, t])[0];
       // Equal, or both NaN.
       const differ = tf.keep(tf.tidy(() =>
         tf.any(tf.logicalAnd(
