@@ -484,6 +484,18 @@ function copyInto(b: Backend, src: tf.Tensor, dst: GPUBuffer): void {
   b.commandQueueOwnedIds.add(src.dataId);
 }
 
+/** Hand pinned buffers that no replay holds back to their owners, or to the pool where they let go. */
+function unpin(pool: Backend["bufferManager"], pinned: GPUBuffer[]): void {
+  for (const buf of pinned) {
+    const h = held.get(buf)!;
+    if (h.holders.size > 0) continue;
+    held.delete(buf);
+    if (h.released) {
+      (pool as unknown as { releaseHeld(b: GPUBuffer): void }).releaseHeld(buf);
+    }
+  }
+}
+
 /** What {@linkcode captureCall} made: the call's outputs, and its replay or why there is none. */
 interface Captured {
   /** The outputs of this call, new tensors the caller owns. */
@@ -542,6 +554,14 @@ function captureCall(
   recording = rec;
   try {
     outputs = body(made);
+  } catch (e) {
+    recording = null;
+    pool.acquireBuffer = acquire;
+    flush(b);
+    unpin(pool, pinned);
+    tf.dispose(made);
+    for (const buf of inBufs) pool.releaseBuffer(buf);
+    throw e;
   } finally {
     recording = null;
     pool.acquireBuffer = acquire;
@@ -579,14 +599,7 @@ function captureCall(
   }
   // After the replay has taken its buffers out of the pool.
   const copies = outputs.map((o) => copyTensor(b, o));
-  for (const buf of pinned) {
-    const h = held.get(buf)!;
-    if (h.holders.size > 0) continue;
-    held.delete(buf);
-    if (h.released) {
-      (pool as unknown as { releaseHeld(b: GPUBuffer): void }).releaseHeld(buf);
-    }
-  }
+  unpin(pool, pinned);
   if (replay === null) {
     flush(b);
     tf.dispose([...made, ...outputs]);
@@ -721,4 +734,82 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
     dispose: { value: clear },
   });
   return fn;
+}
+
+/**
+ * Why a step cannot be recorded now ("" when it can): another backend than
+ * ddpm's WebGPU one, an open gradient tape, a tfjs profile, or
+ * `DDPM_WEBGPU_REPLAY=0`.
+ *
+ * @returns The reason, or "".
+ */
+export function replayUnavailable(): string {
+  const active = tf.backend();
+  if (switchedOff()) return "DDPM_WEBGPU_REPLAY=0";
+  if (!(active instanceof FastUploadBackend)) {
+    return "not ddpm's WebGPU backend";
+  }
+  if (tf.engine().isTapeOn()) return "a gradient tape is open";
+  if ((active as unknown as Backend).activeTimers != null) {
+    return "tfjs is profiling";
+  }
+  return "";
+}
+
+/** A call recorded by {@linkcode recordStep}, replayed by `run`. */
+export interface RecordedStep {
+  /** WebGPU dispatches per call. */
+  readonly dispatches: number;
+  /**
+   * Encode the recorded work for new inputs (shaped and typed as the
+   * recorded ones). Null, with nothing queued, when the recording is stale:
+   * a state tensor is not the one the recording left (it was replaced or
+   * reassigned since), or a tensor the call read was released.
+   *
+   * @param inputs The call's inputs, in the recorded order.
+   * @param state The state tensors, in the recorded order.
+   * @returns The outputs, new tensors the caller owns, or null.
+   */
+  run(
+    inputs: readonly tf.Tensor[],
+    state: readonly tf.Tensor[],
+  ): tf.Tensor[] | null;
+  /** Free what the recording holds. */
+  dispose(): void;
+}
+
+/**
+ * Run a step `body` once through tfjs and record its WebGPU work, so that
+ * later calls replay it with new inputs, as a training step that changes
+ * its state (see {@linkcode captureCall}; the module's notes say what
+ * cannot be recorded). Unlike {@linkcode replayOnWebGpu} nothing verifies
+ * the first replay against a plain call, since a step cannot run twice:
+ * the caller's tests must.
+ *
+ * @param body The step: inputs to outputs, replacing the state tensors.
+ * @param inputs This call's inputs; copied, not disposed.
+ * @param state The tensors `body` replaces, before and after it runs.
+ * @returns This call's outputs (new tensors), and the recording or why there is none.
+ */
+export function recordStep(
+  body: (inputs: tf.Tensor[]) => tf.Tensor[],
+  inputs: readonly tf.Tensor[],
+  state: () => tf.Tensor[],
+): { outputs: tf.Tensor[]; step: RecordedStep | null; why: string } {
+  const b = tf.backend() as unknown as Backend;
+  const { outputs, replay, why } = captureCall(b, body, inputs, state);
+  if (replay === null) return { outputs, step: null, why };
+  const after = state().map((t) => bufferOf(b, t));
+  const step: RecordedStep = {
+    dispatches: replay.dispatches,
+    run: (ins, now) => {
+      if (
+        replay.stale || now.length !== after.length ||
+        now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i])
+      ) return null;
+      return replay.run(ins);
+    },
+    dispose: () => replay.dispose(),
+  };
+  return { outputs, step, why: "" };
 }

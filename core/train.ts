@@ -35,9 +35,17 @@ import {
   finiteGate,
   flatNorm,
   flattenInOrder,
+  PACKED,
+  REPLAYED,
   REWIND,
   STEP_FLAT,
+  STEP_SCALARS,
 } from "./_webgpu_optim.ts";
+import {
+  type RecordedStep,
+  recordStep,
+  replayUnavailable,
+} from "./_webgpu_replay.ts";
 import { qSample, type Schedule } from "./schedule.ts";
 import { UNet } from "./unet.ts";
 import { mulberry32 } from "./_random.ts";
@@ -80,6 +88,24 @@ export interface TrainerOptions {
    * an idle worker does not keep the process alive.
    */
   workers?: number | "auto";
+  /**
+   * On ddpm's WebGPU backend, record the WebGPU work of one fused step and
+   * replay it for the steps after (the same dispatches, without running
+   * tfjs's per-op JavaScript again): the same numbers, bit for bit, at a
+   * fraction of the host's time per step. True by default;
+   * `DDPM_WEBGPU_REPLAY=0` also turns it off. See {@linkcode Trainer.replayStats}.
+   */
+  replay?: boolean;
+}
+
+/** How many steps a {@linkcode Trainer} recorded and replayed, and why it does not, if it does not. */
+export interface ReplayStats {
+  /** Steps whose work was recorded (each also ran through tfjs). */
+  recorded: number;
+  /** Steps replayed from a recording. */
+  replayed: number;
+  /** Why steps are no longer recorded ("" while they are or may be). */
+  fallback: string;
 }
 
 /** What one {@linkcode Trainer.trainStep} did. */
@@ -275,11 +301,19 @@ interface Clipped {
   stats: tf.Tensor1D;
   /** Whether `step` runs the fused WebGPU programs, which take a gate. */
   fused: boolean;
-  /** The AdamW step with the clipped gradients (gated where fused). */
-  step(gate?: tf.Tensor): void;
+  /** Whether the updates are queued already (a replayed step). */
+  queued?: boolean;
+  /**
+   * The AdamW step with the clipped gradients (gated where fused, with the
+   * step's scalars from `stepScalars` where given).
+   */
+  step(gate?: tf.Tensor, stepScalars?: tf.Tensor): void;
   /** Free the stats and the gradients. */
   dispose(): void;
 }
+
+/** A recorded step's body did not take the fused WebGPU path (the trainer then runs it plainly). */
+class LeftFusedPath extends Error {}
 
 /** Whether every tensor is float32 (the fused WebGPU programs' one type). */
 function allFloat32(ts: Iterable<tf.Tensor>): boolean {
@@ -340,6 +374,15 @@ export class Trainer {
   #queued: Promise<void> = Promise.resolve();
   /** Resolves when the last called step has been read back and judged. */
   #settled: Promise<void> = Promise.resolve();
+  /** Whether fused WebGPU steps are recorded and replayed (`replay` option). */
+  readonly #replay: boolean;
+  /** The recorded step, for batches of shape `key`. */
+  #recorded: { key: string; step: RecordedStep } | null = null;
+  readonly #replayStats: ReplayStats = {
+    recorded: 0,
+    replayed: 0,
+    fallback: "",
+  };
 
   /**
    * Make a trainer for `model` on `schedule`.
@@ -359,6 +402,7 @@ export class Trainer {
       optimizer = {},
       ema = {},
       workers = 1,
+      replay = true,
     } = options;
     checkSeed(seed);
     if (!(maxGradNorm > 0)) {
@@ -371,6 +415,7 @@ export class Trainer {
     this.schedule = schedule;
     this.seed = seed;
     this.maxGradNorm = maxGradNorm;
+    this.#replay = replay;
     this.optimizer = new AdamW(model.params, optimizer);
     this.ema = ema === false ? null : new Ema(model.params, ema);
     if (this.workers > 1) {
@@ -512,26 +557,24 @@ export class Trainer {
       this.schedule.T,
     );
     const noiseSeed = hash32(this.seed, index, NOISE_STREAM) || 1;
-    // 1-2: draws, loss and gradients, here or split over the workers.
-    const raw = this.#pool === null || n < 2
-      ? this.#lossAndGrads(x0, timesteps, noiseSeed)
-      : await this.#parallelLossAndGrads(x0, timesteps, noiseSeed);
-    // 3: clipping.
-    const clipped = this.#clip(raw);
     const counts = {
       optimizer: this.optimizer.stepCount,
       ema: this.ema?.optimizationStep ?? 0,
     };
+    // 1-5 replayed, or recorded, on WebGPU where they can be; or
+    let clipped = this.#replayedStep(x0, timesteps, noiseSeed);
+    if (clipped === null) {
+      // 1-2: draws, loss and gradients, here or split over the workers.
+      const raw = this.#pool === null || n < 2
+        ? this.#lossAndGrads(x0, timesteps, noiseSeed)
+        : await this.#parallelLossAndGrads(x0, timesteps, noiseSeed);
+      // 3: clipping.
+      clipped = this.#clip(raw);
+    }
     if (clipped.fused) {
       // 5 (queued now, gated on the GPU): the weights, then their average.
       try {
-        const gate = tf.tidy(() =>
-          finiteGate(clipped.stats, this.#gate ?? tf.scalar(1))
-        );
-        this.#gate?.dispose();
-        this.#gate = gate;
-        clipped.step(gate);
-        this.ema?.[UPDATE_GATED](this.model.params, gate);
+        if (!clipped.queued) this.#queueUpdates(clipped);
         this.#step = index + 1;
       } catch (e) {
         clipped.dispose();
@@ -589,6 +632,135 @@ export class Trainer {
   }
 
   /**
+   * Step 5 on the fused WebGPU path, queued: the step's gate (open while
+   * every step so far had finite numbers), then the gated weight, moment
+   * and EMA updates, with the step's scalars from tensors where given.
+   */
+  #queueUpdates(
+    clipped: Clipped,
+    scalars?: { adamw: tf.Tensor; ema?: tf.Tensor },
+  ): void {
+    const gate = tf.tidy(() =>
+      finiteGate(clipped.stats, this.#gate ?? tf.scalar(1))
+    );
+    this.#gate?.dispose();
+    this.#gate = gate;
+    clipped.step(gate, scalars?.adamw);
+    this.ema?.[UPDATE_GATED](this.model.params, gate, scalars?.ema);
+  }
+
+  /** How many steps were recorded and replayed on WebGPU, and why not, if not. */
+  get replayStats(): ReplayStats {
+    return { ...this.#replayStats };
+  }
+
+  /**
+   * Steps 1-5 on WebGPU from a recording (see `TrainerOptions.replay`):
+   * replayed when the recording fits, else run through tfjs and recorded.
+   * Null, with nothing done, where steps are not replayed, and until a
+   * plain fused step has packed the optimizer and the average and opened
+   * the gate (the recording carries them from step to step).
+   */
+  #replayedStep(
+    x0: tf.Tensor4D,
+    timesteps: Int32Array,
+    noiseSeed: number,
+  ): Clipped | null {
+    const stats = this.#replayStats;
+    if (!this.#replay || stats.fallback || this.#pool !== null) return null;
+    if (replayUnavailable() !== "") {
+      if (replayUnavailable() === "DDPM_WEBGPU_REPLAY=0") {
+        stats.fallback = "DDPM_WEBGPU_REPLAY=0";
+      }
+      return null;
+    }
+    if (
+      this.optimizer[PACKED] === null || this.#gate === null ||
+      (this.ema !== null && this.ema[PACKED] === null)
+    ) return null;
+    const key = `${x0.shape}`;
+    if (this.#recorded !== null && this.#recorded.key !== key) {
+      this.#recorded.step.dispose();
+      this.#recorded = null;
+    }
+    const { t, eps } = draws(x0, timesteps, noiseSeed);
+    const adamw = tf.tensor1d(this.optimizer[STEP_SCALARS]());
+    const ema = this.ema === null
+      ? []
+      : [tf.tensor1d(this.ema[STEP_SCALARS]())];
+    const inputs = [x0, t, eps, adamw, ...ema];
+    try {
+      let out = this.#recorded?.step.run(inputs, this.#replayState()) ?? null;
+      if (out !== null) {
+        this.optimizer[REWIND](this.optimizer.stepCount + 1);
+        this.ema?.[REPLAYED]();
+        stats.replayed++;
+      } else {
+        this.#recorded?.step.dispose();
+        this.#recorded = null;
+        let made;
+        try {
+          made = recordStep(
+            ([x, t, eps, adamw, ema]) => {
+              const clipped = this.#clip(
+                this.#lossAndGradsOf(
+                  x as tf.Tensor4D,
+                  t as tf.Tensor1D,
+                  eps as tf.Tensor4D,
+                ),
+              );
+              try {
+                if (!clipped.fused) {
+                  throw new LeftFusedPath(
+                    "the step left the fused WebGPU path (its gradients are not float32 or do not cover the parameters)",
+                  );
+                }
+                this.#queueUpdates(clipped, { adamw, ema });
+                return [clipped.stats.clone()];
+              } finally {
+                clipped.dispose();
+              }
+            },
+            inputs,
+            () => this.#replayState(),
+          );
+        } catch (e) {
+          if (!(e instanceof LeftFusedPath)) throw e;
+          stats.fallback = `cannot replay: ${e.message}`;
+          return null;
+        }
+        out = made.outputs;
+        stats.recorded++;
+        if (made.step !== null) this.#recorded = { key, step: made.step };
+        else stats.fallback = `cannot replay: ${made.why}`;
+      }
+      const stepStats = out[0] as tf.Tensor1D;
+      return {
+        stats: stepStats,
+        fused: true,
+        queued: true,
+        step: () => {},
+        dispose: () => stepStats.dispose(),
+      };
+    } finally {
+      tf.dispose([t, eps, adamw, ...ema]);
+    }
+  }
+
+  /** The tensors a recorded step replaces: weights, packed moments and average, gate. */
+  #replayState(): tf.Tensor[] {
+    return [
+      ...new Set<tf.Tensor>([
+        ...this.model.params.values(),
+        ...this.optimizer.params.values(),
+      ]),
+      this.optimizer[PACKED]!,
+      ...(this.ema === null ? [] : [this.ema[PACKED]!]),
+      this.#gate!,
+    ];
+  }
+
+  /**
    * Step 3: the gradients' global norm and their clipping; frees `raw`.
    *
    * On WebGPU, when every optimizer parameter has a float32 gradient, only
@@ -616,11 +788,12 @@ export class Trainer {
       return {
         stats,
         fused: true,
-        step: (gate?: tf.Tensor) =>
+        step: (gate?: tf.Tensor, stepScalars?: tf.Tensor) =>
           this.optimizer[STEP_FLAT](
             flat,
             { norm, maxNorm: this.maxGradNorm },
             gate,
+            stepScalars,
           ),
         dispose: () => tf.dispose([stats, flat, norm]),
       };
@@ -662,9 +835,22 @@ export class Trainer {
     timesteps: Int32Array,
     noiseSeed: number,
   ): LossAndGrads {
+    const { t, eps } = draws(x0, timesteps, noiseSeed);
+    try {
+      return this.#lossAndGradsOf(x0, t, eps);
+    } finally {
+      tf.dispose([t, eps]);
+    }
+  }
+
+  /** The loss and its gradients for given draws. */
+  #lossAndGradsOf(
+    x0: tf.Tensor4D,
+    t: tf.Tensor1D,
+    eps: tf.Tensor4D,
+  ): LossAndGrads {
     const { vars, keyOf } = this.#trainable();
     const { loss, grads } = tf.tidy(() => {
-      const { t, eps } = draws(x0, timesteps, noiseSeed);
       const { value, grads: named } = tf.variableGrads(() => {
         const xt = qSample(x0, t, eps, this.schedule);
         const pred = this.model.predict(xt, t);
@@ -912,6 +1098,8 @@ export class Trainer {
    * ```
    */
   dispose(): void {
+    this.#recorded?.step.dispose();
+    this.#recorded = null;
     this.#gate?.dispose();
     this.#gate = null;
     this.#pool?.dispose();
