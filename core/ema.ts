@@ -283,8 +283,8 @@ export class Ema {
           this.#packed = tf.variable(fresh, false);
         } else {
           this.#packed.assign(fresh);
-          fresh.dispose();
         }
+        fresh.dispose();
       }
       const packed = this.#packed!;
       tf.tidy(() => {
