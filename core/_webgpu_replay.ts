@@ -756,15 +756,32 @@ export function replayUnavailable(): string {
   return "";
 }
 
+/**
+ * Whether any of `tensors` shares its data with another tensor (a clone, a
+ * reshape, a saved state): a replayed step would then change that tensor's
+ * values too, since it writes its state in place. Such a step must run
+ * through tfjs, which gives the state new buffers.
+ *
+ * @param tensors Tensors on the WebGPU backend.
+ * @returns True when one of them shares its data.
+ */
+export function sharesData(tensors: readonly tf.Tensor[]): boolean {
+  const b = tf.backend() as unknown as {
+    refCount(dataId: object): number;
+  };
+  return tensors.some((t) => b.refCount(t.dataId) > 1);
+}
+
 /** A call recorded by {@linkcode recordStep}, replayed by `run`. */
 export interface RecordedStep {
   /** WebGPU dispatches per call. */
   readonly dispatches: number;
   /**
    * Encode the recorded work for new inputs (shaped and typed as the
-   * recorded ones). Null, with nothing queued, when the recording is stale:
-   * a state tensor is not the one the recording left (it was replaced or
-   * reassigned since), or a tensor the call read was released.
+   * recorded ones). Null, with nothing queued, when the recording is stale
+   * (a state tensor is not the one the recording left: it was replaced or
+   * reassigned since; or a tensor the call read was released), or when a
+   * state tensor shares its data (see {@linkcode sharesData}).
    *
    * @param inputs The call's inputs, in the recorded order.
    * @param state The state tensors, in the recorded order.
@@ -805,7 +822,8 @@ export function recordStep(
     run: (ins, now) => {
       if (
         replay.stale || now.length !== after.length ||
-        now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i])
+        now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i]) ||
+        sharesData(now)
       ) return null;
       return replay.run(ins);
     },

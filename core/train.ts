@@ -45,6 +45,7 @@ import {
   type RecordedStep,
   recordStep,
   replayUnavailable,
+  sharesData,
 } from "./_webgpu_replay.ts";
 import { qSample, type Schedule } from "./schedule.ts";
 import { UNet } from "./unet.ts";
@@ -678,6 +679,9 @@ export class Trainer {
       this.optimizer[PACKED] === null || this.#gate === null ||
       (this.ema !== null && this.ema[PACKED] === null)
     ) return null;
+    // A state tensor shared with another (a saved state's copy): only a
+    // plain step leaves the other one as it is.
+    if (sharesData(this.#replayState())) return null;
     const key = `${x0.shape}`;
     if (this.#recorded !== null && this.#recorded.key !== key) {
       this.#recorded.step.dispose();
