@@ -36,6 +36,15 @@
  * captures again. Calls under a gradient tape and while tfjs profiles run
  * through tfjs.
  *
+ * A training step ({@linkcode recordStep}, used by core/train.ts) changes
+ * state: it reads the weights, moments and average and replaces them. Its
+ * recording carries that state from call to call: while it is captured, the
+ * state's old buffers are kept out of tfjs's pool (so that the call cannot
+ * reuse them), and each replay first copies the state tensors' current
+ * buffers into those old ones, then runs; the state tensors keep their
+ * buffers, which then hold the new values. Such a step is not verified
+ * against a plain call (it cannot run twice); its caller's tests compare.
+ *
  * @module
  */
 import { tf } from "./backend.ts";

@@ -71,6 +71,8 @@ export interface Result extends Variant {
   /** What the replay did: calls replayed, captured and run plainly, and why not if not. */
   replayStats?: { replayed: number; captured: number; plain: number };
   replayFallback?: string;
+  /** On WebGPU, training steps recorded and replayed (`Trainer.replayStats`). */
+  trainReplay?: { recorded: number; replayed: number; fallback: string };
   forwardSeconds?: number;
   trainSeconds?: number;
   sampleSeconds?: number;
@@ -159,6 +161,9 @@ async function measureInChild(
         r.replayFallback ? `, ${r.replayFallback}` : ""
       }`,
     );
+  }
+  if (r.trainReplay !== undefined) {
+    console.error(`  training replay: ${JSON.stringify(r.trainReplay)}`);
   }
   return r;
 }
@@ -267,6 +272,9 @@ export async function measure(v: Variant): Promise<Result> {
           },
         );
       } finally {
+        if (tf.getBackend() === "webgpu") {
+          result.trainReplay = trainer.replayStats;
+        }
         trainer.dispose();
         x0.dispose();
       }
@@ -501,6 +509,15 @@ async function main(args: string[]): Promise<number> {
           workers: 1,
           parts: ["train"],
           env: { DDPM_PERF_AWAIT_STEPS: "1" },
+        });
+        variants.push({
+          ...common,
+          label: "webgpu, training steps not replayed (DDPM_WEBGPU_REPLAY=0)",
+          backend: b,
+          threads: 1,
+          workers: 1,
+          parts: ["train"],
+          env: { DDPM_WEBGPU_REPLAY: "0" },
         });
         variants.push({
           ...common,
