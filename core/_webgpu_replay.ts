@@ -679,14 +679,8 @@ export function replayOnWebGpu(model: ModelFn): ReplayedModel {
   };
 
   const fn = ((x: tf.Tensor4D, t: tf.Tensor1D) => {
-    const active = tf.backend();
-    const b = active as unknown as Backend;
-    if (
-      fallback || !(active instanceof FastUploadBackend) ||
-      tf.engine().isTapeOn() || b.activeTimers != null
-    ) {
-      return plain(x, t);
-    }
+    if (fallback || replayUnavailable() !== "") return plain(x, t);
+    const b = tf.backend() as unknown as Backend;
     const key = `${x.shape}|${t.shape}|${x.dtype}|${t.dtype}`;
     let s = byShape.get(key);
     if (s?.replay.stale) {

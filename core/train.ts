@@ -669,9 +669,11 @@ export class Trainer {
   ): Clipped | null {
     const stats = this.#replayStats;
     if (!this.#replay || stats.fallback || this.#pool !== null) return null;
-    if (replayUnavailable() !== "") {
-      if (replayUnavailable() === "DDPM_WEBGPU_REPLAY=0") {
-        stats.fallback = "DDPM_WEBGPU_REPLAY=0";
+    const unavailable = replayUnavailable();
+    if (unavailable !== "") {
+      // The switch stays off; the rest (a tape, a profile) may pass.
+      if (unavailable.startsWith("DDPM_WEBGPU_REPLAY")) {
+        stats.fallback = unavailable;
       }
       return null;
     }
