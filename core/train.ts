@@ -22,7 +22,10 @@
  * On WebGPU, step 3 only computes the norm (over the gradients concatenated
  * into one vector) and the clipping is folded into step 5's fused AdamW
  * programs (core/_webgpu_optim.ts); the numbers are the same up to float32
- * rounding.
+ * rounding. From the second step on, the trainer records one whole step's
+ * WebGPU work and replays it for the steps after (`TrainerOptions.replay`,
+ * core/_webgpu_replay.ts): the same numbers, bit for bit, without tfjs's
+ * per-op JavaScript.
  *
  * @module
  */
