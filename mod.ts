@@ -71,6 +71,7 @@ export {
 export {
   clipGradNorm,
   disposeTrainerState,
+  type ReplayStats,
   type TrainableModel,
   Trainer,
   type TrainerOptions,
