@@ -12,7 +12,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 mkdir -p out/gpu
-for tool in tests/tools/perf_table.ts tests/tools/gpu_profile.ts tests/tools/conv_sweep.ts cli.ts; do
+for tool in tests/tools/perf_table.ts tests/tools/gpu_profile.ts tests/tools/conv_sweep.ts tests/tools/train_host.ts cli.ts; do
   name="$(basename "$tool" .ts)"
   deno bundle --platform deno --minify -o "out/gpu/$name.js" "$tool"
 done

@@ -60,6 +60,12 @@ if [ -n "${DDPM_GPU_CMD:-}" ]; then
   exit
 fi
 
+echo "== host time per base-64 training step, through tfjs and replayed"
+for mode in --plain ""; do
+  timeout 90 "$deno" run -A out/gpu/train_host.js --base 64 $mode \
+    || echo "train_host $mode failed"
+done
+
 if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
 echo "== 1. WebGPU profile, base 64"
 timeout 150 "$deno" run -A out/gpu/gpu_profile.js --base 64 \
