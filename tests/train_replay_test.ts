@@ -358,3 +358,40 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "without an EMA, clipping or weight decay, replayed webgpu steps still equal plain ones",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    await onWebGpu(async () => {
+      const schedule = makeSchedule({ T: 100 });
+      const run = async (replay: boolean) => {
+        const unet = new UNet({ base: 8, seed: 2 });
+        const trainer = new Trainer(unet, schedule, {
+          seed: 3,
+          replay,
+          ema: false,
+          maxGradNorm: Infinity,
+          optimizer: { weightDecay: 0 },
+        });
+        const losses = await steps(trainer, 0, 4);
+        const weights = await readAll(unet.params);
+        const stats = trainer.replayStats;
+        trainer.dispose();
+        unet.dispose();
+        return { losses, weights, stats };
+      };
+      const plain = await run(false);
+      const replayed = await run(true);
+      assert.deepEqual(replayed.losses, plain.losses);
+      assertSame(replayed.weights, plain.weights, "weights");
+      assert.deepEqual(replayed.stats, {
+        recorded: 1,
+        replayed: 2,
+        fallback: "",
+      });
+      schedule.dispose();
+    });
+  },
+});
