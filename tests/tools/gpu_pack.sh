@@ -16,6 +16,8 @@ for tool in tests/tools/perf_table.ts tests/tools/gpu_profile.ts tests/tools/con
   name="$(basename "$tool" .ts)"
   deno bundle --platform deno --minify -o "out/gpu/$name.js" "$tool"
 done
+# The training replay's tests, to check on the GPU that its steps equal plain ones.
+deno bundle --platform deno --minify -o out/gpu/train_replay_test.js tests/train_replay_test.ts
 xz -T0 -6 -f out/gpu/cli.js
 deno_bin="$(readlink -f "$(command -v deno)")"
 xz -T0 -6 -c "$deno_bin" > out/gpu/deno.xz.tmp

@@ -60,6 +60,10 @@ if [ -n "${DDPM_GPU_CMD:-}" ]; then
   exit
 fi
 
+echo "== replayed training steps equal plain ones on this GPU (tests/train_replay_test.ts)"
+timeout 120 "$deno" test -A out/gpu/train_replay_test.js 2>&1 | tail -8 \
+  || echo "train_replay_test failed"
+
 echo "== host time per base-64 training step, through tfjs and replayed"
 for mode in --plain ""; do
   timeout 90 "$deno" run -A out/gpu/train_host.js --base 64 $mode \
