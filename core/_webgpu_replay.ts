@@ -297,6 +297,8 @@ const STORAGE = () =>
 interface Carried {
   before: GPUBuffer;
   after: GPUBuffer;
+  /** The state tensor's bytes (a pooled buffer may be larger). */
+  bytes: number;
 }
 
 /** One recorded call, for one shape of inputs. */
@@ -411,8 +413,8 @@ class Replay {
     const b = this.backend;
     inputs.forEach((x, i) => copyInto(b, x, this.inBufs[i]));
     const enc = b.commandEncoder!;
-    for (const { before, after } of this.carried) {
-      enc.copyBufferToBuffer(after, 0, before, 0, after.size);
+    for (const { before, after, bytes } of this.carried) {
+      enc.copyBufferToBuffer(after, 0, before, 0, bytes);
     }
     let pass: GPUComputePassEncoder | null = null;
     for (const s of this.steps) {
@@ -578,7 +580,8 @@ function captureCall(
   outputs.forEach((o) => tf.keep(o));
   const carried: Carried[] = [];
   if (state !== undefined) {
-    const after = state().map((t) => bufferOf(b, t));
+    const now = state();
+    const after = now.map((t) => bufferOf(b, t));
     // Let tfjs release what the call disposed (it waits for a submit).
     flush(b);
     if (after.length !== before.length) rec.bad ||= "the state changed length";
@@ -587,7 +590,18 @@ function captureCall(
       if (!held.get(buf)?.released) {
         rec.bad ||= "a state tensor's old value is still in use";
       }
-      carried.push({ before: buf, after: after[i] });
+      // A copy between them must be valid, or WebGPU would drop the whole
+      // command buffer of a replay.
+      const bytes = now[i].size * 4;
+      if (
+        now[i].dtype !== "float32" || buf.size < bytes ||
+        after[i].size < bytes ||
+        !(after[i].usage & GPUBufferUsage.COPY_SRC) ||
+        !(buf.usage & GPUBufferUsage.COPY_DST)
+      ) {
+        rec.bad ||= "a state tensor cannot be copied between its buffers";
+      }
+      carried.push({ before: buf, after: after[i], bytes });
     });
   }
   let replay: Replay | null = null;
