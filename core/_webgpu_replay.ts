@@ -842,6 +842,9 @@ export function recordStep(
         now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i]) ||
         sharesData(now)
       ) return null;
+      // The state's values change in place: drop the copies tfjs keeps on
+      // the host after a read, or the next read would return them.
+      for (const t of now) b.tensorMap.get(t.dataId)!.values = null;
       return replay.run(ins);
     },
     dispose: () => replay.dispose(),

@@ -10,6 +10,7 @@
  */
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
+import { RUN_FILES, TrainingRun } from "../core/run.ts";
 import { makeSchedule, type Schedule } from "../core/schedule.ts";
 import { Trainer, type TrainerState } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
@@ -166,7 +167,12 @@ Deno.test({
       const schedule = makeSchedule({ T: 100 });
       const want = await plainReference(schedule);
       const replayed = make(schedule, true);
-      assert.deepEqual(await steps(replayed.trainer, 0, 6), want.steps);
+      const got = await steps(replayed.trainer, 0, 4);
+      // A read between replayed steps (tfjs keeps what it read on the
+      // host) must not hide the values the next replays write in place.
+      await snapshot(replayed);
+      got.push(...await steps(replayed.trainer, 4, 6));
+      assert.deepEqual(got, want.steps);
       // Step 1 packs the state through tfjs, step 2 is recorded, 3-6 replay.
       assert.deepEqual(replayed.trainer.replayStats, {
         recorded: 1,
@@ -392,6 +398,75 @@ Deno.test({
         fallback: "",
       });
       schedule.dispose();
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "a training run's checkpoints between replayed steps hold the replayed values: the same bytes as with replays off",
+  ignore: !hasWebGpu,
+  fn: async () => {
+    await onWebGpu(async () => {
+      const dirs: string[] = [];
+      try {
+        const session = async () => {
+          const dir = await Deno.makeTempDir({ prefix: "ddpm_replay_run_" });
+          dirs.push(dir);
+          const run = await TrainingRun.create(dir, {
+            model: { base: 8 },
+            steps: 4,
+            checkpointEvery: 2,
+            seed: 2,
+            data: { name: "noise", batchSize: 2 },
+          });
+          const checkpoints: Uint8Array[] = [];
+          await run.train({
+            batchesPerEpoch: 4,
+            batch: (e, i) =>
+              tf.randomUniform(
+                [2, 8, 8, 1],
+                -1,
+                1,
+                "float32",
+                10 * e + i,
+              ) as tf.Tensor4D,
+            onFile: (f) => {
+              if (f.kind === "checkpoint") {
+                checkpoints.push(Deno.readFileSync(f.path));
+              }
+            },
+          });
+          run.dispose();
+          return checkpoints;
+        };
+        const replayed = await session();
+        Deno.env.set("DDPM_WEBGPU_REPLAY", "0");
+        let plain: Uint8Array[];
+        try {
+          plain = await session();
+        } finally {
+          Deno.env.delete("DDPM_WEBGPU_REPLAY");
+        }
+        // Byte for byte, apart from the elapsed time in the header.
+        const tensors = (b: Uint8Array) =>
+          b.subarray(
+            8 + new DataView(b.buffer, b.byteOffset).getUint32(0, true),
+          );
+        // Step 1 packs the state, 2 is recorded, 3 and 4 replay.
+        assert.equal(replayed.length, 2);
+        assert.equal(plain.length, 2);
+        replayed.forEach((b, i) => {
+          const want = tensors(plain[i]);
+          const got = tensors(b);
+          assert.ok(
+            got.length === want.length && got.every((v, j) => v === want[j]),
+            `checkpoint ${i + 1} of 2`,
+          );
+        });
+      } finally {
+        for (const d of dirs) await Deno.remove(d, { recursive: true });
+      }
     });
   },
 });
