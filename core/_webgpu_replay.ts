@@ -790,6 +790,32 @@ export function sharesData(tensors: readonly tf.Tensor[]): boolean {
   return tensors.some((t) => b.refCount(t.dataId) > 1);
 }
 
+/** Data whose values a replay changes in place (see {@linkcode noHostCopies}). */
+const changedInPlace = new WeakSet<object>();
+const patchedBackends = new WeakSet<object>();
+
+/**
+ * Keep tfjs from answering reads of `tensors` from the host: it keeps what
+ * it read of a tensor and returns that copy on the next read, but a replay
+ * changes their values in place. Drops the copies kept now, and keeps none
+ * from here on, also of a read already under way when a replay is queued.
+ */
+function noHostCopies(b: Backend, tensors: readonly tf.Tensor[]): void {
+  const self = b as unknown as {
+    convertAndCacheOnCPU(dataId: object, data: unknown): unknown;
+  };
+  if (!patchedBackends.has(b)) {
+    patchedBackends.add(b);
+    const cache = self.convertAndCacheOnCPU.bind(b);
+    self.convertAndCacheOnCPU = (dataId, data) =>
+      changedInPlace.has(dataId) ? data : cache(dataId, data);
+  }
+  for (const t of tensors) {
+    changedInPlace.add(t.dataId);
+    b.tensorMap.get(t.dataId)!.values = null;
+  }
+}
+
 /** A call recorded by {@linkcode recordStep}, replayed by `run`. */
 export interface RecordedStep {
   /** WebGPU dispatches per call. */
@@ -843,9 +869,7 @@ export function recordStep(
         now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i]) ||
         sharesData(now)
       ) return null;
-      // The state's values change in place: drop the copies tfjs keeps on
-      // the host after a read, or the next read would return them.
-      for (const t of now) b.tensorMap.get(t.dataId)!.values = null;
+      noHostCopies(b, now);
       return replay.run(ins);
     },
     dispose: () => replay.dispose(),

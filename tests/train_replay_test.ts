@@ -125,8 +125,9 @@ function disposeState(s: TrainerState): void {
 interface Reference {
   /** [step, loss, gradNorm] of each step. */
   steps: number[][];
-  /** The state after 3 steps and after 6. */
+  /** The state after 3, 5 and 6 steps. */
   after3: Map<string, Float32Array>;
+  after5: Map<string, Float32Array>;
   after6: Map<string, Float32Array>;
 }
 
@@ -139,7 +140,9 @@ function plainReference(schedule: Schedule): Promise<Reference> {
     try {
       const first = await steps(plain.trainer, 0, 3);
       const after3 = await snapshot(plain);
-      const rest = await steps(plain.trainer, 3, 6);
+      const rest = await steps(plain.trainer, 3, 5);
+      const after5 = await snapshot(plain);
+      rest.push(...await steps(plain.trainer, 5, 6));
       assert.deepEqual(plain.trainer.replayStats, {
         recorded: 0,
         replayed: 0,
@@ -148,6 +151,7 @@ function plainReference(schedule: Schedule): Promise<Reference> {
       return {
         steps: [...first, ...rest],
         after3,
+        after5,
         after6: await snapshot(plain),
       };
     } finally {
@@ -168,10 +172,15 @@ Deno.test({
       const want = await plainReference(schedule);
       const replayed = make(schedule, true);
       const got = await steps(replayed.trainer, 0, 4);
-      // A read between replayed steps (tfjs keeps what it read on the
-      // host) must not hide the values the next replays write in place.
-      await snapshot(replayed);
-      got.push(...await steps(replayed.trainer, 4, 6));
+      // tfjs keeps on the host what it read of a tensor and answers the
+      // next read from there, but replays change the state in place: a
+      // read under way while a step is replayed, and a read between
+      // replayed steps, must both leave the next read the new values.
+      const reading = readAll(replayed.unet.params);
+      got.push(...await steps(replayed.trainer, 4, 5));
+      await reading;
+      assertSame(await snapshot(replayed), want.after5, "after 5 steps");
+      got.push(...await steps(replayed.trainer, 5, 6));
       assert.deepEqual(got, want.steps);
       // Step 1 packs the state through tfjs, step 2 is recorded, 3-6 replay.
       assert.deepEqual(replayed.trainer.replayStats, {
