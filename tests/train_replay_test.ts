@@ -10,7 +10,7 @@
  */
 import assert from "node:assert/strict";
 import { initBackend, tf } from "../core/backend.ts";
-import { RUN_FILES, TrainingRun } from "../core/run.ts";
+import { TrainingRun } from "../core/run.ts";
 import { makeSchedule, type Schedule } from "../core/schedule.ts";
 import { Trainer, type TrainerState } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
