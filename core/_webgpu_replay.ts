@@ -42,8 +42,8 @@
  * state's old buffers are kept out of tfjs's pool (so that the call cannot
  * reuse them), and each replay first copies the state tensors' current
  * buffers into those old ones, then runs; the state tensors keep their
- * buffers, which then hold the new values (and the host copies tfjs keeps
- * of what it read of them are dropped). Such a step is not verified
+ * buffers, which then hold the new values (and tfjs keeps no host copy of
+ * them from a read, which it would answer the next read with). Such a step is not verified
  * against a plain call (it cannot run twice); its caller's tests compare.
  *
  * @module
