@@ -1,6 +1,9 @@
 #!/bin/sh
 # The performance comparison on a machine with an NVIDIA GPU, in order of
 # value (a run cut short keeps what it did):
+#   R. (skipped with DDPM_GPU_REPLAY=0) the training replay's tests (replayed
+#      steps equal plain ones here too) and the host's time per base-64
+#      training step, through tfjs and replayed (tests/tools/train_host.ts);
 #   0. with DDPM_GPU_SWEEP=1, a tile sweep of the WebGPU convolution
 #      (tests/tools/conv_sweep.ts);
 #   1. with DDPM_GPU_PROFILE=1, a per-kernel and per-API-call profile of the
@@ -60,8 +63,10 @@ if [ -n "${DDPM_GPU_CMD:-}" ]; then
   exit
 fi
 
+# DDPM_GPU_REPLAY=0 skips these two checks (about a minute and a half).
+if [ "${DDPM_GPU_REPLAY:-1}" != 0 ]; then
 echo "== replayed training steps equal plain ones on this GPU (tests/train_replay_test.ts)"
-timeout 120 "$deno" test -A out/gpu/train_replay_test.js 2>&1 | tail -8 \
+timeout 120 "$deno" test -A out/gpu/train_replay_test.js 2>&1 | tail -10 \
   || echo "train_replay_test failed"
 
 echo "== host time per base-64 training step, through tfjs and replayed"
@@ -69,6 +74,7 @@ for mode in --plain ""; do
   timeout 90 "$deno" run -A out/gpu/train_host.js --base 64 $mode \
     || echo "train_host $mode failed"
 done
+fi
 
 if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
 echo "== 1. WebGPU profile, base 64"
