@@ -166,3 +166,15 @@ export async function gzip(bytes: Uint8Array): Promise<Uint8Array> {
     .pipeThrough(new CompressionStream("gzip"));
   return new Uint8Array(await new Response(stream).arrayBuffer());
 }
+
+/**
+ * A safetensors file's tensor bytes: what follows its 8-byte header length
+ * and JSON header (which holds, in a checkpoint, the run's elapsed time).
+ */
+export function safetensorsData(bytes: Uint8Array): Uint8Array {
+  const header = new DataView(bytes.buffer, bytes.byteOffset).getUint32(
+    0,
+    true,
+  );
+  return bytes.subarray(8 + header);
+}

@@ -14,7 +14,8 @@ import { TrainingRun } from "../core/run.ts";
 import { makeSchedule, type Schedule } from "../core/schedule.ts";
 import { Trainer, type TrainerState } from "../core/train.ts";
 import { UNet } from "../core/unet.ts";
-import { randoms, readAll } from "./_util.ts";
+import { randoms, readAll, safetensorsData } from "./_util.ts";
+import { noiseBatch } from "./_runs.ts";
 
 const hasWebGpu = (globalThis.navigator as Navigator | undefined)?.gpu !==
   undefined;
@@ -432,14 +433,7 @@ Deno.test({
           const checkpoints: Uint8Array[] = [];
           await run.train({
             batchesPerEpoch: 4,
-            batch: (e, i) =>
-              tf.randomUniform(
-                [2, 8, 8, 1],
-                -1,
-                1,
-                "float32",
-                10 * e + i,
-              ) as tf.Tensor4D,
+            batch: noiseBatch,
             onFile: (f) => {
               if (f.kind === "checkpoint") {
                 checkpoints.push(Deno.readFileSync(f.path));
@@ -458,16 +452,12 @@ Deno.test({
           Deno.env.delete("DDPM_WEBGPU_REPLAY");
         }
         // Byte for byte, apart from the elapsed time in the header.
-        const tensors = (b: Uint8Array) =>
-          b.subarray(
-            8 + new DataView(b.buffer, b.byteOffset).getUint32(0, true),
-          );
         // Step 1 packs the state, 2 is recorded, 3 and 4 replay.
         assert.equal(replayed.length, 2);
         assert.equal(plain.length, 2);
         replayed.forEach((b, i) => {
-          const want = tensors(plain[i]);
-          const got = tensors(b);
+          const want = safetensorsData(plain[i]);
+          const got = safetensorsData(b);
           assert.ok(
             got.length === want.length && got.every((v, j) => v === want[j]),
             `checkpoint ${i + 1} of 2`,
