@@ -515,6 +515,8 @@ interface Captured {
   replay: Replay | null;
   /** Why `replay` is null. */
   why: string;
+  /** The state tensors after the call (empty without `state`). */
+  stateAfter: tf.Tensor[];
 }
 
 /**
@@ -580,8 +582,8 @@ function captureCall(
   }
   outputs.forEach((o) => tf.keep(o));
   const carried: Carried[] = [];
+  const now = state?.() ?? [];
   if (state !== undefined) {
-    const now = state();
     const after = now.map((t) => bufferOf(b, t));
     // Let tfjs release what the call disposed (it waits for a submit).
     flush(b);
@@ -629,7 +631,7 @@ function captureCall(
     tf.dispose([...made, ...outputs]);
     for (const buf of inBufs) pool.releaseBuffer(buf);
   }
-  return { outputs: copies, replay, why: rec.bad };
+  return { outputs: copies, replay, why: rec.bad, stateAfter: now };
 }
 
 /** Whether replays are switched off (`DDPM_WEBGPU_REPLAY=0`). */
@@ -796,9 +798,9 @@ const patchedBackends = new WeakSet<object>();
 
 /**
  * Keep tfjs from answering reads of `tensors` from the host: it keeps what
- * it read of a tensor and returns that copy on the next read, but a replay
- * changes their values in place. Drops the copies kept now, and keeps none
- * from here on, also of a read already under way when a replay is queued.
+ * it read of a tensor and returns that copy on the next read, but replays
+ * change their values in place. Drops the copies kept now, and keeps none
+ * from here on, also of a read under way while a replay is queued.
  */
 function noHostCopies(b: Backend, tensors: readonly tf.Tensor[]): void {
   const self = b as unknown as {
@@ -858,9 +860,16 @@ export function recordStep(
   state: () => tf.Tensor[],
 ): { outputs: tf.Tensor[]; step: RecordedStep | null; why: string } {
   const b = tf.backend() as unknown as Backend;
-  const { outputs, replay, why } = captureCall(b, body, inputs, state);
+  const { outputs, replay, why, stateAfter } = captureCall(
+    b,
+    body,
+    inputs,
+    state,
+  );
   if (replay === null) return { outputs, step: null, why };
-  const after = state().map((t) => bufferOf(b, t));
+  const after = stateAfter.map((t) => bufferOf(b, t));
+  // From here on the replays change these tensors' values in place.
+  noHostCopies(b, stateAfter);
   const step: RecordedStep = {
     dispatches: replay.dispatches,
     run: (ins, now) => {
@@ -869,7 +878,6 @@ export function recordStep(
         now.some((t, i) => b.tensorMap.get(t.dataId)?.resource !== after[i]) ||
         sharesData(now)
       ) return null;
-      noHostCopies(b, now);
       return replay.run(ins);
     },
     dispose: () => replay.dispose(),

@@ -686,7 +686,8 @@ export class Trainer {
     ) return null;
     // A state tensor shared with another (a saved state's copy): only a
     // plain step leaves the other one as it is.
-    if (sharesData(this.#replayState())) return null;
+    const state = this.#replayState();
+    if (sharesData(state)) return null;
     const key = `${x0.shape}`;
     if (this.#recorded !== null && this.#recorded.key !== key) {
       this.#recorded.step.dispose();
@@ -699,7 +700,7 @@ export class Trainer {
       : [tf.tensor1d(this.ema[STEP_SCALARS]())];
     const inputs = [x0, t, eps, adamw, ...ema];
     try {
-      let out = this.#recorded?.step.run(inputs, this.#replayState()) ?? null;
+      let out = this.#recorded?.step.run(inputs, state) ?? null;
       if (out !== null) {
         this.optimizer[REWIND](this.optimizer.stepCount + 1);
         this.ema?.[REPLAYED]();
@@ -710,26 +711,7 @@ export class Trainer {
         let made;
         try {
           made = recordStep(
-            ([x, t, eps, adamw, ema]) => {
-              const clipped = this.#clip(
-                this.#lossAndGradsOf(
-                  x as tf.Tensor4D,
-                  t as tf.Tensor1D,
-                  eps as tf.Tensor4D,
-                ),
-              );
-              try {
-                if (!clipped.fused) {
-                  throw new LeftFusedPath(
-                    "the step left the fused WebGPU path (its gradients are not float32 or do not cover the parameters)",
-                  );
-                }
-                this.#queueUpdates(clipped, { adamw, ema });
-                return [clipped.stats.clone()];
-              } finally {
-                clipped.dispose();
-              }
-            },
+            (ins) => this.#fusedStep(ins),
             inputs,
             () => this.#replayState(),
           );
@@ -753,6 +735,31 @@ export class Trainer {
       };
     } finally {
       tf.dispose([t, eps, adamw, ...ema]);
+    }
+  }
+
+  /**
+   * Steps 1-5 on the fused WebGPU path from given draws and step scalars,
+   * as `recordStep` records them: `[x0, t, eps, adamw, ema?]` to `[stats]`.
+   */
+  #fusedStep([x0, t, eps, adamw, ema]: tf.Tensor[]): tf.Tensor[] {
+    const clipped = this.#clip(
+      this.#lossAndGradsOf(
+        x0 as tf.Tensor4D,
+        t as tf.Tensor1D,
+        eps as tf.Tensor4D,
+      ),
+    );
+    try {
+      if (!clipped.fused) {
+        throw new LeftFusedPath(
+          "the step left the fused WebGPU path (its gradients are not float32 or do not cover the parameters)",
+        );
+      }
+      this.#queueUpdates(clipped, { adamw, ema });
+      return [clipped.stats.clone()];
+    } finally {
+      clipped.dispose();
     }
   }
 
