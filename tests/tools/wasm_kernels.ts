@@ -78,6 +78,22 @@ function microKernel(mr: number): string {
   ].join("\n");
 }
 
+/**
+ * Instructions that call `call(mr)` for the row count in the local `$mr`
+ * (1 to 6): the micro-kernels are made for each count, so that their loops
+ * hold their accumulators in registers.
+ */
+function byRows(call: (mr: number) => string): string {
+  return `(block $d (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
+  (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
+  ${call(6)} (br $d))
+  ${call(5)} (br $d))
+  ${call(4)} (br $d))
+  ${call(3)} (br $d))
+  ${call(2)} (br $d))
+  ${call(1)})`;
+}
+
 /** Call the micro-kernel of `mr` rows on the current block. */
 function callKernel(mr: number): string {
   return `(call $k${mr} (local.get $a) (i32.add (local.get $db) (i32.shl (local.get $ob) (i32.const 2))) (i32.add (local.get $cbase) (i32.shl (local.get $ob) (i32.const 2))) (local.get $len) (local.get $sa) (local.get $sb))`;
@@ -125,14 +141,7 @@ const DRIVER = `
             (local.set $ob (i32.const 0))
             (block $obdone (loop $oblocks
               (br_if $obdone (i32.ge_s (local.get $ob) (local.get $co)))
-              (block $d (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
-                (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
-                ${callKernel(6)} (br $d))
-                ${callKernel(5)} (br $d))
-                ${callKernel(4)} (br $d))
-                ${callKernel(3)} (br $d))
-                ${callKernel(2)} (br $d))
-                ${callKernel(1)})
+              ${byRows(callKernel)}
               (local.set $ob (i32.add (local.get $ob) (i32.const 8)))
               (br $oblocks)))
             (local.set $cb (i32.add (local.get $cb) (local.get $mr)))
@@ -412,14 +421,7 @@ ${inputTransform("wino_in", true)}
           (br_if $rdone (i32.ge_u (local.get $r0) (local.get $nt)))
           (local.set $mr (i32.sub (local.get $nt) (local.get $r0)))
           (if (i32.gt_u (local.get $mr) (i32.const 6)) (then (local.set $mr (i32.const 6))))
-          (block $d (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
-            (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
-            ${gemmCall(6)} (br $d))
-            ${gemmCall(5)} (br $d))
-            ${gemmCall(4)} (br $d))
-            ${gemmCall(3)} (br $d))
-            ${gemmCall(2)} (br $d))
-            ${gemmCall(1)})
+          ${byRows(gemmCall)}
           (local.set $cp (i32.add (local.get $cp) (i32.mul (local.get $mr) (local.get $sb))))
           (local.set $r0 (i32.add (local.get $r0) (local.get $mr)))
           (br $rblocks)))
@@ -804,14 +806,7 @@ function weightGradient(): string {
       (local.set $ob (i32.const 0))
       (block $odone (loop $oblocks
         (br_if $odone (i32.ge_u (local.get $ob) (local.get $co)))
-        (block $dd (block $c1 (block $c2 (block $c3 (block $c4 (block $c5 (block $c6
-          (br_table $c1 $c1 $c2 $c3 $c4 $c5 $c6 (local.get $mr)))
-          ${kCall(6)} (br $dd))
-          ${kCall(5)} (br $dd))
-          ${kCall(4)} (br $dd))
-          ${kCall(3)} (br $dd))
-          ${kCall(2)} (br $dd))
-          ${kCall(1)})
+        ${byRows(kCall)}
         (local.set $ob (i32.add (local.get $ob) (i32.const 8)))
         (br $oblocks)))
       (local.set $cb (i32.add (local.get $cb) (local.get $mr)))
