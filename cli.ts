@@ -442,8 +442,12 @@ const DATASET_NAMES: readonly DatasetName[] = [
   "mnist-lite",
 ];
 
-async function startBackend(values: Record<string, unknown>) {
-  const name = choiceOpt(values, "backend", BACKENDS) ?? "auto";
+/** --backend, checked (before anything is written), "auto" by default. */
+function backendOpt(values: Record<string, unknown>) {
+  return choiceOpt(values, "backend", BACKENDS) ?? "auto";
+}
+
+async function startBackend(name: ReturnType<typeof backendOpt>) {
   const got = await initBackend(name);
   const threads = got.backend === "wasm"
     ? `, ${wasmThreads()} thread${wasmThreads() === 1 ? "" : "s"}`
@@ -704,6 +708,7 @@ async function train(args: string[]): Promise<number> {
   const checkpointEvery = intOpt(values, "checkpoint-every", 0);
   const sampleEvery = intOpt(values, "sample-every", 0);
   const workers = countOpt(values, "workers");
+  const backendName = backendOpt(values);
   const samplerName = str(values, "sampler") ?? "ddim";
   let sampler: SamplerPlugin;
   try {
@@ -752,7 +757,7 @@ async function train(args: string[]): Promise<number> {
   }
   await checkWritableDir(out, "output folder");
 
-  const backend = await startBackend(values);
+  const backend = await startBackend(backendName);
   const overrides = {
     checkpointEvery,
     sampleEvery,
@@ -1178,7 +1183,7 @@ async function sampleFromArgs(
   await beforeLoad(values, checkpoint);
 
   chooseThreads(values.threads !== undefined, threads);
-  await startBackend(values);
+  await startBackend(backendOpt(values));
   const model = await loadTrainedModel(checkpoint, {
     weights: values.live === true
       ? "live"

@@ -470,6 +470,18 @@ Deno.test("each user mistake gets one line and exit code 2 (usage) or 1 (failure
   for (const [args, code, pattern] of cases) {
     assertMistake(await cli(...args), code, pattern);
   }
+  // A bad --backend is refused before train makes its output folder.
+  const untouched = `${root}/bad_backend_out`;
+  assertMistake(
+    await cli("train", "--backend", "tpu", "--out", untouched),
+    2,
+    /unknown --backend \(got "tpu"/,
+  );
+  assert.equal(
+    await Deno.stat(untouched).then(() => true, () => false),
+    false,
+    "the output folder was made",
+  );
 });
 
 Deno.test("a checkpoint that is not a training run's cannot be resumed: one line, exit 1", async () => {
