@@ -19,13 +19,21 @@
  *    memory and accumulates a 4x4 block per invocation in registers; it
  *    writes partial sums `[S, M, Cout]`. Zero padding and the ragged ends
  *    (M, Cout, K not multiples of the tiles) are bounds checks that read 0.
+ *    Where Cin and Cout are multiples of 4, `DdpmConvFilterGradVec4` does the
+ *    same with vec4 loads: both tiles staged as they lie in memory, and one
+ *    vec4 of each read per 16 FMAs in the inner loop instead of 8 floats.
  * 2. `DdpmSplitKSum`: one invocation per output element sums the S partial
  *    sums in a fixed order (skipped when S = 1).
  *
  * @module
  */
 import { tf } from "./backend.ts";
-import { flatFrame, registerProgramKernel } from "./_webgpu.ts";
+import {
+  flatFrame,
+  type ProgramUniform,
+  registerProgramKernel,
+  type WebGpuProgram,
+} from "./_webgpu.ts";
 
 /** The geometry of a weight gradient: kernel size, stride, PyTorch padding. */
 export interface FilterGradGeometry {
@@ -43,6 +51,12 @@ export interface FilterGradGeometry {
    * couple of thousand workgroups.
    */
   chunk?: number;
+  /**
+   * Stage both operands with vec4 loads (`DdpmConvFilterGradVec4`); default:
+   * whenever Cin and Cout are multiples of 4, which it requires. False runs
+   * the scalar program, which takes any channel counts.
+   */
+  vec4?: boolean;
 }
 
 /** Rows of K staged per step. */
@@ -222,7 +236,137 @@ function partialSource(tm: number, tn: number): string {
   }`;
 }
 
-registerProgramKernel("DdpmConvFilterGradPartial", (inputs, attrs) => {
+/**
+ * WGSL of the weight gradient's partial sums with vec4 loads (Cin and Cout
+ * multiples of 4): a vec4 of the GEMM's rows m = (i, j, c..c+3) is 4
+ * consecutive input channels of one pixel, so both tiles are staged as
+ * they lie in memory, a vec4 per load, and the inner loop reads one vec4
+ * of each tile per 16 FMAs (the scalar program reads 8 floats).
+ */
+function partialSourceVec4(tm: number, tn: number): string {
+  const gx = tn / 4; // invocations along the output channels
+  const gy = tm / 4; // invocations along the rows m
+  const threads = gx * gy;
+  const aLoads = (TK * tm / 4) / threads; // = 64 / tn
+  const bLoads = (TK * tn / 4) / threads; // = 64 / tm
+  const rows = Array.from({ length: 4 }, (_, r) => r);
+  return `
+  var<workgroup> tileA : array<vec4<f32>, ${TK * tm / 4}>;
+  var<workgroup> tileB : array<vec4<f32>, ${TK * tn / 4}>;
+
+  fn main(index : i32) {
+    let t = i32(localIndex);
+    let tx = t % ${gx};
+    let ty = t / ${gx};
+    let o0v = i32(workgroupId.x) * ${gx};
+    let m0v = i32(workgroupId.y) * ${gy};
+    let part = i32(workgroupId.z);
+    let kStart = part * uniforms.chunk;
+    let kEnd = min(kStart + uniforms.chunk, uniforms.kTotal);
+    let cinV = uniforms.cin / 4;
+    let coutV = uniforms.cout / 4;
+    let mTotalV = uniforms.mTotal / 4;
+
+    // This invocation's vec4 of rows m (the same in every load): tap
+    // (di, dj) relative to the output pixel, channel vec4 cv.
+    let av = t % ${gy};
+    let mV = m0v + av;
+    let mOk = mV < mTotalV;
+    let cv = mV % cinV;
+    let ij = mV / cinV;
+    let dj = ij % uniforms.kw - uniforms.pad;
+    let di = ij / uniforms.kw - uniforms.pad;
+    // Its rows of the K tile, as (n, y, x), advanced by TK per step
+    // without division.
+    var rowN : array<i32, ${aLoads}>;
+    var rowY : array<i32, ${aLoads}>;
+    var rowX : array<i32, ${aLoads}>;
+    let ohw = uniforms.oh * uniforms.ow;
+    for (var l = 0; l < ${aLoads}; l++) {
+      let k = kStart + t / ${gy} + l * ${threads / gy};
+      let nq = k / ohw;
+      let rest = k - nq * ohw;
+      rowN[l] = nq;
+      rowY[l] = rest / uniforms.ow;
+      rowX[l] = rest - rowY[l] * uniforms.ow;
+    }
+
+    ${rows.map((r) => `var acc${r} = vec4<f32>(0.0);`).join("\n    ")}
+    // A uniform trip count (barriers inside); the last chunk reads zeros past kEnd.
+    for (var it = 0; it < uniforms.steps; it++) {
+      let k0 = kStart + it * ${TK};
+      for (var l = 0; l < ${aLoads}; l++) {
+        let kr = t / ${gy} + l * ${threads / gy};
+        var v = vec4<f32>(0.0);
+        var xq = rowX[l];
+        var yq = rowY[l];
+        let nq = rowN[l];
+        if (mOk && k0 + kr < kEnd) {
+          let iy = yq * uniforms.stride + di;
+          let ix = xq * uniforms.stride + dj;
+          if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
+            v = xin[((nq * uniforms.h + iy) * uniforms.w + ix) * cinV + cv];
+          }
+        }
+        tileA[kr * ${gy} + av] = v;
+        xq += ${TK};
+        loop {
+          if (xq < uniforms.ow) { break; }
+          xq -= uniforms.ow;
+          yq += 1;
+        }
+        var nNext = nq;
+        loop {
+          if (yq < uniforms.oh) { break; }
+          yq -= uniforms.oh;
+          nNext += 1;
+        }
+        rowX[l] = xq;
+        rowY[l] = yq;
+        rowN[l] = nNext;
+      }
+      for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        let kr = e / ${gx};
+        let ov = e % ${gx};
+        var v = vec4<f32>(0.0);
+        if (k0 + kr < kEnd && o0v + ov < coutV) {
+          v = dy[(k0 + kr) * coutV + o0v + ov];
+        }
+        tileB[kr * ${gx} + ov] = v;
+      }
+      workgroupBarrier();
+      for (var kk = 0; kk < ${TK}; kk++) {
+        let a = tileA[kk * ${gy} + ty];
+        let b = tileB[kk * ${gx} + tx];
+        ${
+    rows.map((r) => `acc${r} = fma(vec4<f32>(a[${r}]), b, acc${r});`)
+      .join("\n        ")
+  }
+      }
+      workgroupBarrier();
+    }
+
+    let ov = o0v + tx;
+    if (ov < coutV) {
+      ${
+    rows.map((r) =>
+      `{ let m = (m0v + ty) * 4 + ${r};
+        if (m < uniforms.mTotal) {
+          setOutputAtIndex((part * uniforms.mTotal + m) * coutV + ov, acc${r});
+        } }`
+    ).join("\n      ")
+  }
+    }
+  }`;
+}
+
+/** The program of a weight gradient's partial sums, scalar or vec4. */
+function filterGradProgram(
+  inputs: tf.TensorInfo[],
+  attrs: Record<string, unknown>,
+  vec4: boolean,
+): { program: WebGpuProgram; uniforms: ProgramUniform[] } {
   const [n, h, w, cin] = inputs[0].shape;
   const [, oh, ow, cout] = inputs[1].shape;
   const kh = attrs.kh as number;
@@ -232,10 +376,12 @@ registerProgramKernel("DdpmConvFilterGradPartial", (inputs, attrs) => {
   const chunk = attrs.chunk as number;
   const p = plan(m, cout, k, chunk > 0 ? chunk : undefined);
   const threads = (p.tm / 4) * (p.tn / 4);
+  const name = vec4 ? "ddpmConvFilterGradVec4" : "ddpmConvFilterGradPartial";
   return {
     program: {
       variableNames: ["xin", "dy"],
-      shaderKey: `ddpmConvFilterGradPartial_${p.tm}_${p.tn}`,
+      ...(vec4 ? { variableComponents: [4, 4], outputComponent: 4 } : {}),
+      shaderKey: `${name}_${p.tm}_${p.tn}`,
       uniforms:
         "h : i32, w : i32, cin : i32, oh : i32, ow : i32, cout : i32, kw : i32, stride : i32, pad : i32, mTotal : i32, kTotal : i32, chunk : i32, steps : i32,",
       // One chunk: the program writes dW in its final shape.
@@ -247,7 +393,8 @@ registerProgramKernel("DdpmConvFilterGradPartial", (inputs, attrs) => {
         p.parts,
       ],
       workgroupSize: [threads, 1, 1],
-      getUserCode: () => partialSource(p.tm, p.tn),
+      getUserCode: () =>
+        vec4 ? partialSourceVec4(p.tm, p.tn) : partialSource(p.tm, p.tn),
     },
     uniforms: [
       h,
@@ -265,7 +412,17 @@ registerProgramKernel("DdpmConvFilterGradPartial", (inputs, attrs) => {
       p.chunk / TK,
     ].map((v) => ({ type: "int32" as const, data: [v] })),
   };
-});
+}
+
+registerProgramKernel(
+  "DdpmConvFilterGradPartial",
+  (inputs, attrs) => filterGradProgram(inputs, attrs, false),
+);
+
+registerProgramKernel(
+  "DdpmConvFilterGradVec4",
+  (inputs, attrs) => filterGradProgram(inputs, attrs, true),
+);
 
 registerProgramKernel("DdpmSplitKSum", (inputs, attrs) => {
   const shape = attrs.shape as number[];
@@ -331,10 +488,17 @@ export function webgpuFilterGrad(
       `Cannot compute a weight gradient: input and output gradient differ in batch size (got ${dn}, expected ${n})`,
     );
   }
+  const vec4Fits = cin % 4 === 0 && cout % 4 === 0;
+  const vec4 = geometry.vec4 ?? vec4Fits;
+  if (vec4 && !vec4Fits) {
+    throw new RangeError(
+      `Cannot compute a weight gradient with vec4 loads: channels are not multiples of 4 (got input ${cin}, output ${cout}, expected multiples of 4)`,
+    );
+  }
   const shape: [number, number, number, number] = [kh, kw, cin, cout];
   return tf.tidy(() => {
     const partial = tf.engine().runKernel(
-      "DdpmConvFilterGradPartial",
+      vec4 ? "DdpmConvFilterGradVec4" : "DdpmConvFilterGradPartial",
       { input, dy },
       { kh, kw, stride, pad, chunk: chunk ?? 0 },
     ) as tf.Tensor;

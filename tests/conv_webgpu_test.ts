@@ -109,6 +109,55 @@ const CASES: Case[] = [
     pad: 2,
     chunks: [undefined, 16],
   },
+  // Channels in multiples of 4 (also run through the vec4 program): the
+  // cases above again, and 32-wide tiles.
+  {
+    name: "vec4: 3x3 s2 p1",
+    x: [3, 7, 9, 8],
+    k: 3,
+    cout: 12,
+    stride: 2,
+    pad: 1,
+    chunks: [undefined, 16, 32],
+  },
+  {
+    name: "vec4: 1x1 s1 p0",
+    x: [3, 5, 6, 12],
+    k: 1,
+    cout: 8,
+    stride: 1,
+    pad: 0,
+    chunks: [undefined, 16],
+  },
+  // M = 180 and Cout = 72: 64-wide tiles, both ragged.
+  {
+    name: "vec4: 64-wide tiles, ragged",
+    x: [2, 6, 6, 20],
+    k: 3,
+    cout: 72,
+    stride: 1,
+    pad: 1,
+    chunks: [undefined, 16, 64],
+  },
+  // M = 36 and Cout = 28: 32-wide tiles, ragged.
+  {
+    name: "vec4: 32-wide tiles",
+    x: [2, 5, 5, 4],
+    k: 3,
+    cout: 28,
+    stride: 1,
+    pad: 1,
+    chunks: [undefined, 32],
+  },
+  {
+    name: "vec4: 3x3 s2 p2",
+    x: [1, 6, 7, 4],
+    k: 3,
+    cout: 4,
+    stride: 2,
+    pad: 2,
+    chunks: [undefined, 16],
+  },
 ];
 
 interface TCase {
@@ -208,7 +257,7 @@ async function gradsOnActive(): Promise<Float32Array[]> {
   return out;
 }
 
-Deno.test("webgpuFilterGrad matches the definition and the cpu backend's weight gradient", async () => {
+Deno.test("webgpuFilterGrad (scalar and vec4 programs) matches the definition and the cpu backend's weight gradient", async () => {
   const cpu = await initBackend("cpu");
   assert.equal(cpu.backend, "cpu");
   const onCpu = await gradsOnActive();
@@ -221,20 +270,28 @@ Deno.test("webgpuFilterGrad matches the definition and the cpu backend's weight 
       const want = naiveConv(d.x, c.x, d.w, d.ws, d.r, c.stride, c.pad).dw;
       const xt = tf.tensor4d(d.x, c.x);
       const rt = tf.tensor4d(d.r, d.rs);
+      const programs = c.x[3] % 4 === 0 && c.cout % 4 === 0
+        ? [false, true]
+        : [false];
       for (const chunk of c.chunks) {
-        const dw = webgpuFilterGrad(xt, rt, {
-          kh: c.k,
-          kw: c.k,
-          stride: c.stride,
-          pad: c.pad,
-          chunk,
-        });
-        assert.deepEqual(dw.shape, d.ws);
-        const v = await dw.data() as Float32Array;
-        dw.dispose();
-        const what = `${c.name} ${JSON.stringify(c.x)}, chunk ${chunk}`;
-        assert.ok(relErr(v, want) < 1e-5, `dW vs definition: ${what}`);
-        assert.ok(relErr(v, onCpu[i]) < 1e-5, `dW vs cpu: ${what}`);
+        for (const vec4 of programs) {
+          const dw = webgpuFilterGrad(xt, rt, {
+            kh: c.k,
+            kw: c.k,
+            stride: c.stride,
+            pad: c.pad,
+            chunk,
+            vec4,
+          });
+          assert.deepEqual(dw.shape, d.ws);
+          const v = await dw.data() as Float32Array;
+          dw.dispose();
+          const what = `${c.name} ${
+            JSON.stringify(c.x)
+          }, chunk ${chunk}, vec4 ${vec4}`;
+          assert.ok(relErr(v, want) < 1e-5, `dW vs definition: ${what}`);
+          assert.ok(relErr(v, onCpu[i]) < 1e-5, `dW vs cpu: ${what}`);
+        }
       }
       tf.dispose([xt, rt]);
     }
@@ -272,7 +329,7 @@ Deno.test("conv2d and conv2dTranspose weight gradients on webgpu match the defin
   }
 });
 
-Deno.test("webgpuFilterGrad takes one dispatch when K fits one chunk, two when split", async () => {
+Deno.test("webgpuFilterGrad takes one dispatch when K fits one chunk, two when split; vec4 where the channels allow", async () => {
   const got = await initBackend("webgpu");
   if (got.backend !== "webgpu") return;
   try {
@@ -287,7 +344,26 @@ Deno.test("webgpuFilterGrad takes one dispatch when K fits one chunk, two when s
       "DdpmConvFilterGradPartial",
       "DdpmSplitKSum",
     ]);
-    tf.dispose([x, dy]);
+    // Channels in multiples of 4 take the vec4 program by default.
+    const x4 = tf.tensor4d(randoms(2 * 8 * 8 * 4, 3), [2, 8, 8, 4]);
+    const dy4 = tf.tensor4d(randoms(2 * 8 * 8 * 8, 4), [2, 8, 8, 8]);
+    const names = async (vec4?: boolean) =>
+      (await tf.profile(() =>
+        webgpuFilterGrad(x4, dy4, { ...geometry, chunk: 32, vec4 })
+      )).kernels.map((k) => k.name);
+    assert.deepEqual(await names(), [
+      "DdpmConvFilterGradVec4",
+      "DdpmSplitKSum",
+    ]);
+    assert.deepEqual(await names(false), [
+      "DdpmConvFilterGradPartial",
+      "DdpmSplitKSum",
+    ]);
+    assert.throws(
+      () => webgpuFilterGrad(x, dy, { ...geometry, vec4: true }),
+      /vec4 loads: channels are not multiples of 4 \(got input 3, output 5/,
+    );
+    tf.dispose([x, dy, x4, dy4]);
   } finally {
     await initBackend("cpu");
   }

@@ -4,10 +4,12 @@
  * (base 64, batch 64 by default: the forward convolutions and the stride-1
  * input gradients). For each shape it prints tfjs's TFLOP/s and ours per
  * tiling, checks ours against tfjs's output, and ends with the geometric
- * mean of each tiling over the shapes.
+ * mean of each tiling over the shapes. Then, at the same shapes, the
+ * weight gradient (`webgpuFilterGrad`): the scalar program against the
+ * vec4 one, each checked against the other.
  *
  * ```sh
- * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 9] [--tilings N] [--json out.json]
+ * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 9] [--tilings N] [--only conv|wgrad] [--json out.json]
  * ```
  *
  * Timing: after a warm-up call (which compiles the shader), the median GPU
@@ -19,7 +21,11 @@
  */
 import { parseArgs } from "node:util";
 import { initBackend, tf } from "../../core/backend.ts";
-import { type ConvTiles, webgpuConv2d } from "../../core/_webgpu_conv.ts";
+import {
+  type ConvTiles,
+  webgpuConv2d,
+  webgpuFilterGrad,
+} from "../../core/_webgpu_conv.ts";
 
 const TILINGS: ConvTiles[] = [
   { tm: 64, tn: 64, tk: 16, rm: 4, rn: 4 },
@@ -89,6 +95,93 @@ async function timeIt(f: () => tf.Tensor, reps: number): Promise<number> {
   return ms[ms.length >> 1] / 1000;
 }
 
+/**
+ * The weight gradient at each shape: GPU seconds of the scalar and the vec4
+ * program (partial sums and their sum), and their largest difference
+ * relative to the largest value.
+ */
+async function sweepWeightGradients(
+  base: number,
+  n: number,
+  reps: number,
+): Promise<Record<string, unknown>[]> {
+  console.log("weight gradients (webgpuFilterGrad), TFLOP/s: scalar, vec4");
+  const rows: Record<string, unknown>[] = [];
+  let logSum = 0;
+  for (const s of shapes(base)) {
+    const pad = s.k === 1 ? 0 : 1;
+    const oh = Math.floor((s.hw + 2 * pad - s.k) / s.stride) + 1;
+    const flops = 2 * n * oh * oh * s.cout * s.k * s.k * s.cin;
+    const x = tf.randomNormal([n, s.hw, s.hw, s.cin], 0, 1, "float32", 3);
+    const dy = tf.randomNormal([n, oh, oh, s.cout], 0, 1, "float32", 4);
+    const run = (vec4: boolean) => () =>
+      webgpuFilterGrad(x as tf.Tensor4D, dy as tf.Tensor4D, {
+        kh: s.k,
+        kw: s.k,
+        stride: s.stride,
+        pad,
+        vec4,
+      });
+    const a = run(false)();
+    const b = run(true)();
+    const err = (await tf.max(tf.abs(tf.sub(a, b))).data())[0] /
+      (await tf.max(tf.abs(a)).data())[0];
+    tf.dispose([a, b]);
+    const scalar = await timeSum(run(false), reps);
+    const vec4 = await timeSum(run(true), reps);
+    tf.dispose([x, dy]);
+    logSum += Math.log(scalar / vec4);
+    const tf_ = (t: number) => (flops / t / 1e12).toFixed(2);
+    console.log(
+      `${
+        s.what.padEnd(14)
+      } ${s.hw}x${s.hw} ${s.cin}->${s.cout} k${s.k} s${s.stride}: ${
+        tf_(scalar)
+      } ${tf_(vec4)} (${(scalar / vec4).toFixed(2)}x); max rel diff ${
+        err.toExponential(1)
+      }`,
+    );
+    rows.push({ ...s, n, flops, scalar, vec4, err });
+  }
+  console.log(
+    `geometric-mean speed-up of vec4 over scalar: ${
+      Math.exp(logSum / rows.length).toFixed(2)
+    }x`,
+  );
+  return rows;
+}
+
+/**
+ * Seconds per call on the GPU of a call of several kernels: the sum of its
+ * kernels' median times over `reps` calls, after a warm-up call.
+ */
+async function timeSum(f: () => tf.Tensor, reps: number): Promise<number> {
+  const warm = f();
+  await warm.data();
+  warm.dispose();
+  const info = await tf.profile(() => {
+    for (let i = 0; i < reps; i++) f().dispose();
+    return tf.scalar(0);
+  });
+  const per = new Map<string, number[]>();
+  for (const k of info.kernels) {
+    const t = await k.kernelTimeMs;
+    if (typeof t !== "number") continue;
+    per.set(k.name, [...per.get(k.name) ?? [], t]);
+  }
+  if (per.size === 0) {
+    throw new Error(
+      "conv_sweep: the adapter gave no kernel times (expected timestamp-query)",
+    );
+  }
+  let sum = 0;
+  for (const ms of per.values()) {
+    ms.sort((a, b) => a - b);
+    sum += ms[ms.length >> 1];
+  }
+  return sum / 1000;
+}
+
 async function main(): Promise<number> {
   const { values } = parseArgs({
     args: Deno.args,
@@ -98,8 +191,15 @@ async function main(): Promise<number> {
       reps: { type: "string", default: "9" },
       json: { type: "string" },
       tilings: { type: "string" },
+      only: { type: "string" },
     },
   });
+  if (values.only !== undefined && !["conv", "wgrad"].includes(values.only)) {
+    console.error(
+      `conv_sweep: unknown --only (got ${values.only}, expected conv or wgrad)`,
+    );
+    return 2;
+  }
   const got = await initBackend("webgpu");
   if (got.backend !== "webgpu") {
     console.error(`conv_sweep: no WebGPU backend (${got.reason})`);
@@ -111,7 +211,7 @@ async function main(): Promise<number> {
   const reps = Number(values.reps);
   const rows: Record<string, unknown>[] = [];
   const logSum = new Array(tilings.length).fill(0);
-  for (const s of shapes(Number(values.base))) {
+  for (const s of values.only === "wgrad" ? [] : shapes(Number(values.base))) {
     const pad = s.k === 1 ? 0 : 1;
     const oh = Math.floor((s.hw + 2 * pad - s.k) / s.stride) + 1;
     const flops = 2 * n * oh * oh * s.cout * s.k * s.k * s.cin;
@@ -161,18 +261,23 @@ async function main(): Promise<number> {
     );
     rows.push({ ...s, n, flops, tfjs: tTfjs, ours: per, worst });
   }
-  console.log("geometric-mean speed-up over tfjs per tiling:");
-  tilings.forEach((t, i) =>
-    console.log(
-      `  ${JSON.stringify(t)}: ${
-        Math.exp(logSum[i] / rows.length).toFixed(2)
-      }x`,
-    )
-  );
+  if (rows.length > 0) {
+    console.log("geometric-mean speed-up over tfjs per tiling:");
+    tilings.forEach((t, i) =>
+      console.log(
+        `  ${JSON.stringify(t)}: ${
+          Math.exp(logSum[i] / rows.length).toFixed(2)
+        }x`,
+      )
+    );
+  }
+  const wgrad = values.only === "conv"
+    ? []
+    : await sweepWeightGradients(Number(values.base), n, reps);
   if (values.json) {
     await Deno.writeTextFile(
       values.json,
-      JSON.stringify({ adapter: got.adapter, tilings, rows }, null, 1),
+      JSON.stringify({ adapter: got.adapter, tilings, rows, wgrad }, null, 1),
     );
   }
   return 0;

@@ -4,6 +4,8 @@
 #   R. (skipped with DDPM_GPU_REPLAY=0) the training replay's tests (replayed
 #      steps equal plain ones here too) and the host's time per base-64
 #      training step, through tfjs and replayed (tests/tools/train_host.ts);
+#   W. (skipped with DDPM_GPU_WGRAD=0) the weight gradient's scalar and vec4
+#      programs at base 64, batch 64, by GPU time (conv_sweep.ts --only wgrad);
 #   0. with DDPM_GPU_SWEEP=1, a tile sweep of the WebGPU convolution
 #      (tests/tools/conv_sweep.ts);
 #   1. with DDPM_GPU_PROFILE=1, a per-kernel and per-API-call profile of the
@@ -74,6 +76,13 @@ for mode in --plain ""; do
   timeout 90 "$deno" run -A out/gpu/train_host.js --base 64 $mode \
     || echo "train_host $mode failed"
 done
+fi
+
+if [ "${DDPM_GPU_WGRAD:-1}" != 0 ]; then
+echo "== W. weight gradients: scalar against vec4 program, base 64, batch 64"
+timeout 90 "$deno" run -A out/gpu/conv_sweep.js --only wgrad --base 64 \
+  --batch 64 --json "$out/wgrad64.json" 2>&1 | tee "$out/wgrad64.txt" \
+  || echo "weight-gradient sweep failed"
 fi
 
 if [ -n "${DDPM_GPU_PROFILE:-}" ]; then
