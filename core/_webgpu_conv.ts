@@ -22,18 +22,18 @@
  *    Where Cin and Cout are multiples of 4, `DdpmConvFilterGradVec4` does the
  *    same with vec4 loads: both tiles staged as they lie in memory, and one
  *    vec4 of each read per 16 FMAs in the inner loop instead of 8 floats.
- * 2. `DdpmSplitKSum`: one invocation per output element sums the S partial
- *    sums in a fixed order (skipped when S = 1).
+ * 2. `DdpmSplitKSum` (core/_webgpu_reduce.ts): one invocation per output
+ *    element sums the S partial sums in a fixed order (skipped when S = 1).
  *
  * @module
  */
 import { tf } from "./backend.ts";
 import {
-  flatFrame,
   type ProgramUniform,
   registerProgramKernel,
   type WebGpuProgram,
 } from "./_webgpu.ts";
+import { sumPartials } from "./_webgpu_reduce.ts";
 
 /** The geometry of a weight gradient: kernel size, stride, PyTorch padding. */
 export interface FilterGradGeometry {
@@ -424,30 +424,6 @@ registerProgramKernel(
   (inputs, attrs) => filterGradProgram(inputs, attrs, true),
 );
 
-registerProgramKernel("DdpmSplitKSum", (inputs, attrs) => {
-  const shape = attrs.shape as number[];
-  return {
-    program: {
-      variableNames: ["partial"],
-      shaderKey: "ddpmSplitKSum",
-      size: true,
-      uniforms: "parts : i32,",
-      ...flatFrame(shape),
-      getUserCode: () => `
-  fn main(index : i32) {
-    if (index < uniforms.size) {
-      var acc = 0.0;
-      for (var s = 0; s < uniforms.parts; s++) {
-        acc += partial[s * uniforms.size + index];
-      }
-      setOutputAtIndex(index, acc);
-    }
-  }`,
-    },
-    uniforms: [{ type: "int32", data: [inputs[0].shape[0]] }],
-  };
-});
-
 /**
  * The weight gradient of `conv2d(input, w, stride, pad)` on the WebGPU
  * backend: dW[i, j, c, o] = sum over n, y, x of
@@ -502,10 +478,7 @@ export function webgpuFilterGrad(
       { input, dy },
       { kh, kw, stride, pad, chunk: chunk ?? 0 },
     ) as tf.Tensor;
-    if (partial.rank === 4) return partial as tf.Tensor4D;
-    return tf.engine().runKernel("DdpmSplitKSum", { partial }, {
-      shape,
-    }) as tf.Tensor4D;
+    return sumPartials(partial, shape) as tf.Tensor4D;
   });
 }
 

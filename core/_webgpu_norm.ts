@@ -14,6 +14,12 @@
  */
 import { tf } from "./backend.ts";
 import { flatFrame, registerProgramKernel } from "./_webgpu.ts";
+import {
+  COLUMN_UNIFORMS,
+  columnPlan,
+  columnProgram,
+  sumPartials,
+} from "./_webgpu_reduce.ts";
 
 /** Invocations per workgroup of the reducing programs (a power of two). */
 const WG = 256;
@@ -206,36 +212,36 @@ registerProgramKernel("DdpmNormGradX", (inputs, attrs) => {
 registerProgramKernel("DdpmNormGradParam", (inputs, attrs) => {
   const { n, hw, c, groups } = dims(inputs[0], attrs.groups as number);
   const act = attrs.act as boolean;
+  // Column sums over all N HW pixels (core/_webgpu_reduce.ts): a wide read
+  // of neighbouring channels per pixel, split into parts.
+  const plan = columnPlan(n * hw, c, 1);
+  const p = columnProgram(
+    plan,
+    n * hw,
+    c,
+    1,
+    `${dyCode(act)}
+  // which = 0: dgamma = sum dy xhat; which = 1: dbeta = sum dy.
+  fn columnValue(r : i32, ch : i32) -> f32 {
+    let grp = (r / uniforms.hw) * uniforms.groups +
+      ch / (uniforms.c / uniforms.groups);
+    let at = r * uniforms.c + ch;
+    let d = dyXhat(x[at], dz[at], ch, stats[grp * 2], stats[grp * 2 + 1]);
+    return select(d.x * d.y, d.x, uniforms.which == 1);
+  }`,
+    [c],
+  );
   return {
     program: {
       variableNames: gradInputs(act, false),
-      shaderKey: `ddpmNormGradParam${act ? "Silu" : ""}`,
-      uniforms: "n : i32, hw : i32, c : i32, groups : i32, which : i32,",
-      ...flatFrame([c], c * WG, WG),
-      getUserCode: () => `
-  ${REDUCE}
-  ${dyCode(act)}
-  fn main(index : i32) {
-    let lid = i32(localId.x);
-    let ch = index / ${WG};
-    let g = ch / (uniforms.c / uniforms.groups);
-    let count = uniforms.n * uniforms.hw;
-    // which = 0: dgamma = sum dy xhat; which = 1: dbeta = sum dy.
-    var s = 0.0;
-    for (var i = lid; i < count; i = i + ${WG}) {
-      let grp = (i / uniforms.hw) * uniforms.groups + g;
-      let at = i * uniforms.c + ch;
-      let d = dyXhat(x[at], dz[at], ch, stats[grp * 2], stats[grp * 2 + 1]);
-      s = s + select(d.x * d.y, d.x, uniforms.which == 1);
-    }
-    let total = groupSum(s, lid);
-    if (lid == 0) { setOutputAtIndex(ch, total); }
-  }`,
+      shaderKey: `ddpmNormGradParam${act ? "Silu" : ""}_${plan.cw}`,
+      uniforms: `${COLUMN_UNIFORMS} hw : i32, groups : i32, which : i32,`,
+      ...p.frame,
+      getUserCode: () => p.source,
     },
     uniforms: [
-      { type: "int32", data: [n] },
+      ...p.uniforms,
       { type: "int32", data: [hw] },
-      { type: "int32", data: [c] },
       { type: "int32", data: [groups] },
       { type: "int32", data: [attrs.which as number] },
     ],
@@ -289,8 +295,9 @@ export function gpuNormAct(
 
 /**
  * The gradients of {@linkcode gpuNormAct} (with the statistics' dependence
- * on x) on WebGPU, three dispatches: dx (one workgroup per (image, group)),
- * dgamma and dbeta (one workgroup per channel).
+ * on x) on WebGPU, three to five dispatches: dx (one workgroup per (image,
+ * group)), dgamma and dbeta (column sums over the pixels, each with a
+ * second dispatch that adds its parts where it has several).
  *
  * @param x `[N, H, W, C]`.
  * @param stats From {@linkcode gpuNormStats}.
@@ -316,9 +323,11 @@ export function gpuNormGrad(
     const inputs = Object.fromEntries(names.map((k) => [k, all[k]]));
     return tf.engine().runKernel(name, inputs, { groups, act, which });
   };
-  return [
-    run("DdpmNormGradX") as tf.Tensor4D,
-    run("DdpmNormGradParam", 0) as tf.Tensor1D,
-    run("DdpmNormGradParam", 1) as tf.Tensor1D,
-  ];
+  const param = (which: number) =>
+    tf.tidy(() =>
+      sumPartials(run("DdpmNormGradParam", which) as tf.Tensor, [
+        x.shape[3],
+      ]) as tf.Tensor1D
+    );
+  return [run("DdpmNormGradX") as tf.Tensor4D, param(0), param(1)];
 }

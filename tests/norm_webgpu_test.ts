@@ -21,6 +21,12 @@ const CASES: [Shape, number][] = [
   // More elements per group and per channel than a workgroup's 256 invocations.
   [[1, 17, 19, 8], 2],
   [[2, 9, 11, 32], 4],
+  // Enough pixels for the parameter gradients' column sums to be split into
+  // parts (core/_webgpu_reduce.ts): 16 of 256 rows, 6 of 288 with a ragged
+  // column tile, 8 of 64 over two column tiles.
+  [[4, 32, 32, 16], 8],
+  [[3, 24, 24, 12], 3],
+  [[2, 16, 16, 96], 8],
 ];
 
 /** A case's inputs: x with a mean near 1000 and a spread of hundreds. */

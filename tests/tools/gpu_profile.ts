@@ -241,11 +241,12 @@ async function main(args: string[]): Promise<number> {
     await y.data();
     y.dispose();
   };
-  const step = async () => {
-    await trainer.trainStep(x0);
+  const stepOf = (t: Trainer) => async () => {
+    await t.trainStep(x0);
     // A read orders after every earlier dispatch, the EMA update included.
     await unet.params.get("out_conv.bias")!.data();
   };
+  const step = stepOf(trainer);
   if (values.loop !== undefined) {
     // Only forward passes, e.g. under a sampling profiler.
     await forward();
@@ -305,9 +306,20 @@ async function main(args: string[]): Promise<number> {
     }
   }
   apiOn = false;
-  for (const [label, f] of [["forward", forward], ["train", step]] as const) {
+  console.log(`\ntrainer's replays: ${JSON.stringify(trainer.replayStats)}`);
+  // A replayed step runs no tfjs kernel, so the per-kernel breakdown takes
+  // steps through tfjs: a second trainer on the same model, not replayed.
+  const plain = new Trainer(unet, schedule, { seed: 1, replay: false });
+  const plainStep = stepOf(plain);
+  for (
+    const [key, label, f] of [
+      ["forward", "forward", forward],
+      ["train", "train (not replayed)", plainStep],
+    ] as const
+  ) {
+    await f(); // the plain trainer's first step packs its state
     const p = await profileRows(f);
-    out[`${label}Profile`] = p;
+    out[`${key}Profile`] = p;
     console.log(
       `\n${label}: ${p.kernels} kernels, GPU time ${
         p.kernelMs.toFixed(1)
@@ -322,6 +334,7 @@ async function main(args: string[]): Promise<number> {
     }
   }
   trainer.dispose();
+  plain.dispose();
   unet.dispose();
   schedule.dispose();
   tf.dispose([xf, tf_, x0]);
