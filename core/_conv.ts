@@ -9,10 +9,10 @@
  *
  * | quantity              | computed as                                                   |
  * |-----------------------|---------------------------------------------------------------|
- * | conv forward          | `tf.conv2d` with explicit symmetric padding; on wasm, 3x3 stride-1 padding-1, ddpm's Winograd F(2x2, 3x3) (core/_wasm_kernels.ts); on webgpu an implicit-GEMM program (core/_webgpu_conv.ts) where both channel counts are multiples of 4 |
+ * | conv forward          | `tf.conv2d` with explicit symmetric padding; on wasm, 3x3 stride-1 padding-1, ddpm's Winograd F(2x2, 3x3) (core/_wasm_kernels.ts); on webgpu an implicit-GEMM program (core/_webgpu_conv.ts), channels padded with zeros to multiples of 4 |
  * | adjoint (conv's dx, transposed conv's forward) | `tf.conv2dTranspose`; on wasm one stride-1 `tf.conv2d` per output phase (s^2 of them) with a sub-kernel, interleaved, or Winograd with the kernel turned (3x3, stride 1) or with the four phases side by side (4x4, stride 2); on webgpu the implicit-GEMM program reading the kernel flipped (at stride s, per output phase) |
  * | transposed conv's dx  | `tf.conv2d`                                                   |
- * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on wasm ddpm's kernels (Winograd F(3x3, 2x2) for 3x3 stride 1, else a GEMM per tap, phase by phase when strided); on webgpu a split-K GEMM program (core/_webgpu_conv.ts) |
+ * | dW                    | one `tf.conv2d` over the batch axis: input `[Cin, H, W, N]`, the output gradient as a `[OH, OW, N, Cout]` filter dilated by the stride; on wasm ddpm's kernels (Winograd F(3x3, 2x2) for 3x3 stride 1, else a GEMM per tap, phase by phase when strided); on webgpu a split-K GEMM program (core/_webgpu_conv.ts), channels padded to multiples of 4 |
  *
  * Padding is PyTorch's: `pad` zero pixels on each side of both spatial axes.
  *
@@ -22,7 +22,7 @@ import "./_gradients.ts";
 import { tf } from "./backend.ts";
 import { channelSum } from "./_reduce.ts";
 import {
-  useWebGpuConv,
+  useWebGpuConvPadded,
   webgpuConv2d,
   webgpuFilterGrad,
 } from "./_webgpu_conv.ts";
@@ -87,6 +87,27 @@ function customOp(
     )
   );
   return (...inputs) => op(...inputs) as tf.Tensor4D;
+}
+
+/** A channel count rounded up to a multiple of 4 (the WebGPU programs' vec4s). */
+function up4(c: number): number {
+  return Math.ceil(c / 4) * 4;
+}
+
+/** `t` with zeros appended along `axis` up to `size` entries (itself when it has them). */
+function padAxis<T extends tf.Tensor>(t: T, axis: number, size: number): T {
+  const have = t.shape[axis];
+  if (have === size) return t;
+  const pads = t.shape.map((_, i): [number, number] => [
+    0,
+    i === axis ? size - have : 0,
+  ]);
+  return tf.pad(t, pads);
+}
+
+/** The first `c` channels of `t` (itself when it has no more). */
+function firstChannels(t: tf.Tensor4D, c: number): tf.Tensor4D {
+  return t.shape[3] === c ? t : tf.slice(t, [0, 0, 0, 0], [-1, -1, -1, c]);
 }
 
 /** Output size of a convolution along one axis, as PyTorch computes it. */
@@ -219,30 +240,36 @@ function adjoint(
   pad: number,
 ): tf.Tensor4D {
   const [kh, kw, cout, cin] = w.shape;
-  if (useWebGpuConv(cin, cout)) {
+  if (useWebGpuConvPadded()) {
     // At stride 1 a convolution of dy with the kernel flipped and its
     // channel axes swapped (read so by the program), padded by
     // kh - 1 - pad; at stride s the same per output phase, in one dispatch.
-    return webgpuConv2d(
-      dy,
-      w,
-      stride === 1
-        ? {
-          stride: 1,
-          padY: kh - 1 - pad,
-          padX: kw - 1 - pad,
-          oh: outShape[1],
-          ow: outShape[2],
-          flip: true,
-        }
-        : {
-          stride,
-          padY: pad,
-          padX: pad,
-          oh: outShape[1],
-          ow: outShape[2],
-          transposed: true,
-        },
+    // Channels padded with zeros to multiples of 4.
+    return tf.tidy(() =>
+      firstChannels(
+        webgpuConv2d(
+          padAxis(dy, 3, up4(cin)),
+          padAxis(padAxis(w, 2, up4(cout)), 3, up4(cin)),
+          stride === 1
+            ? {
+              stride: 1,
+              padY: kh - 1 - pad,
+              padX: kw - 1 - pad,
+              oh: outShape[1],
+              ow: outShape[2],
+              flip: true,
+            }
+            : {
+              stride,
+              padY: pad,
+              padX: pad,
+              oh: outShape[1],
+              ow: outShape[2],
+              transposed: true,
+            },
+        ),
+        cout,
+      )
     );
   }
   if (tf.getBackend() !== "wasm") {
@@ -400,7 +427,19 @@ function filterGrad(
   pad: number,
 ): tf.Tensor4D {
   if (tf.getBackend() === "webgpu") {
-    return webgpuFilterGrad(input, dy, { kh, kw, stride, pad });
+    // Channels padded with zeros to multiples of 4, for the vec4 program.
+    const c = input.shape[3];
+    const co = dy.shape[3];
+    return tf.tidy(() => {
+      const dw = webgpuFilterGrad(
+        padAxis(input, 3, up4(c)),
+        padAxis(dy, 3, up4(co)),
+        { kh, kw, stride, pad },
+      );
+      return c === up4(c) && co === up4(co)
+        ? dw
+        : tf.slice(dw, [0, 0, 0, 0], [kh, kw, c, co]);
+    });
   }
   const ours = stride === 1
     ? wasmFilterGrad(input, dy, kh, kw, pad)
@@ -509,15 +548,25 @@ export function convForward(
   bias?: tf.Tensor,
 ): tf.Tensor4D {
   const [kh, kw, cin, cout] = w.shape;
-  if (useWebGpuConv(cin, cout)) {
-    return webgpuConv2d(x, w, {
-      stride,
-      padY: pad,
-      padX: pad,
-      oh: convOutSize(x.shape[1], kh, stride, pad),
-      ow: convOutSize(x.shape[2], kw, stride, pad),
-      bias,
-    });
+  if (useWebGpuConvPadded()) {
+    // Channels padded with zeros to multiples of 4.
+    return tf.tidy(() =>
+      firstChannels(
+        webgpuConv2d(
+          padAxis(x, 3, up4(cin)),
+          padAxis(padAxis(w, 2, up4(cin)), 3, up4(cout)),
+          {
+            stride,
+            padY: pad,
+            padX: pad,
+            oh: convOutSize(x.shape[1], kh, stride, pad),
+            ow: convOutSize(x.shape[2], kw, stride, pad),
+            bias: bias === undefined ? undefined : padAxis(bias, 0, up4(cout)),
+          },
+        ),
+        cout,
+      )
+    );
   }
   if (stride === 1 && pad === 1) {
     const y = wasmConv3x3(x, w, { bias });

@@ -510,18 +510,34 @@ export const DEFAULT_CONV_TILES: ConvTiles = {
   rn: 4,
 };
 
+/**
+ * The tiles chosen when none are given and there are at most 4 output
+ * channels (the UNet's output convolution and its input convolution's
+ * gradient, padded to 4): 256 output pixels by 4 channels per workgroup,
+ * where a 64-wide tile would compute 16 times the outputs wanted (tk = 8:
+ * llvmpipe compiles it in 2 s, against 9 s with tk = 16).
+ */
+export const NARROW_CONV_TILES: ConvTiles = {
+  tm: 256,
+  tn: 4,
+  tk: 8,
+  rm: 4,
+  rn: 4,
+};
+
 function checkTiles(t: ConvTiles): void {
   const threads = (t.tm / t.rm) * (t.tn / t.rn);
   const ok =
     [t.tm, t.tn, t.tk, t.rm, t.rn].every((v) =>
       Number.isInteger(v) && v >= 4 && v % 4 === 0
     ) && t.tm % t.rm === 0 && t.tn % t.rn === 0 && threads <= 256 &&
-    (t.tm * t.tk / 4) % threads === 0 && (t.tn * t.tk / 4) % threads === 0;
+    (t.tm * t.tk / 4) % threads === 0 &&
+    ((t.tn * t.tk / 4) % threads === 0 || threads % (t.tn * t.tk / 4) === 0);
   if (!ok) {
     throw new RangeError(
       `Cannot convolve on WebGPU: unusable tiles (got ${
         JSON.stringify(t)
-      }, expected multiples of 4 with at most 256 invocations, each loading whole vec4s)`,
+      }, expected multiples of 4 with at most 256 invocations, each loading whole vec4s of the input, and the kernel's vec4s a multiple or a divisor of the invocations)`,
     );
   }
 }
@@ -599,7 +615,12 @@ function convSource(
   const threads = gx * gy;
   const kq = tk / 4; // vec4s of A per row of the tile
   const aLoads = (tm * kq) / threads;
-  const bLoads = (tn * tk / 4) / threads;
+  // vec4s of B per K step; a narrow tile (tn = 4) has fewer than invocations.
+  const bTotal = tn * tk / 4;
+  const bLoads = Math.ceil(bTotal / threads);
+  const bLast = bLoads * threads === bTotal
+    ? ""
+    : `if (e >= ${bTotal}) { break; }`;
   const lines: string[] = [];
   const acc = (r: number, p: number) => `acc_${r}_${p}`;
   for (let r = 0; r < rm; r++) {
@@ -644,6 +665,7 @@ function convSource(
   // B as it lies: rows k of [kh kw Cin, Cout], a vec4 of 4 output channels.
   const loadB = `for (var l = 0; l < ${bLoads}; l++) {
         let e = t + l * ${threads};
+        ${bLast}
         let kr = e / ${tn / 4};
         let ov = e % ${tn / 4};
         var v = vec4<f32>(0.0);
@@ -657,6 +679,7 @@ function convSource(
   // consecutive c (rows of B) for one output channel o.
   const flipLoadB = `for (var l = 0; l < ${bLoads}; l++) {
         let e = t + l * ${threads};
+        ${bLast}
         let kq = e % ${tk / 4};
         let oc = e / ${tk / 4};
         let k = k0 + kq * 4;
@@ -842,7 +865,7 @@ export interface WebGpuConvOptions {
    * output phases a stride-1 convolution with its share of the taps.
    */
   transposed?: boolean;
-  /** Tiles; default {@linkcode DEFAULT_CONV_TILES}. */
+  /** Tiles; default {@linkcode DEFAULT_CONV_TILES}, {@linkcode NARROW_CONV_TILES} for at most 4 output channels. */
   tiles?: ConvTiles;
 }
 
@@ -882,6 +905,18 @@ export function useWebGpuConv(cin: number, cout: number): boolean {
 }
 
 /**
+ * Whether ddpm's convolutions run on {@linkcode webgpuConv2d} with any
+ * channel counts, padded with zero channels up to multiples of 4 where they
+ * are not (the UNet's one-channel input and output convolutions): on the
+ * WebGPU backend, unless `DDPM_WEBGPU_CONV=tfjs`.
+ *
+ * @returns True to use the program.
+ */
+export function useWebGpuConvPadded(): boolean {
+  return !switchedToTfjs && tf.getBackend() === "webgpu";
+}
+
+/**
  * A 2-D convolution (cross-correlation, NHWC) on WebGPU as an implicit
  * GEMM of ours: the input patches are gathered into workgroup memory tile
  * by tile, never materialised. tfjs's own (`Conv2DMMProgram`) runs small
@@ -905,7 +940,8 @@ export function webgpuConv2d(
       `Cannot convolve on WebGPU: unsupported backend or channels (got backend ${tf.getBackend()}, input channels ${cin}, kernel [${w.shape}], expected webgpu and matching channel counts that are multiples of 4)`,
     );
   }
-  const tiles = options.tiles ?? DEFAULT_CONV_TILES;
+  const tiles = options.tiles ??
+    (cout <= 4 ? NARROW_CONV_TILES : DEFAULT_CONV_TILES);
   checkTiles(tiles);
   const inputs: tf.NamedTensorMap = { x, w };
   if (options.bias !== undefined) inputs.bias = options.bias;

@@ -12,6 +12,7 @@ import { conv2d, conv2dTranspose } from "../core/_conv.ts";
 import { linear } from "../core/_layers.ts";
 import {
   type ConvTiles,
+  NARROW_CONV_TILES,
   webgpuConv2d,
   webgpuFilterGrad,
 } from "../core/_webgpu_conv.ts";
@@ -414,6 +415,17 @@ const CONV_CASES: ConvCase[] = [
     out: [5, 6],
     bias: true,
   },
+  // 4 output channels: narrow tiles by default; M = 126 rows, ragged.
+  {
+    name: "3x3 s1, 4 channels out",
+    x: [2, 9, 7, 8],
+    w: [3, 3, 8, 4],
+    stride: 1,
+    padY: 1,
+    padX: 1,
+    out: [9, 7],
+    bias: true,
+  },
   // Padding of 2 above and 0 left, the output cut short of the full size.
   {
     name: "4x4 asymmetric padding",
@@ -431,6 +443,8 @@ const CONV_TILES: (ConvTiles | undefined)[] = [
   undefined,
   { tm: 32, tn: 32, tk: 8, rm: 4, rn: 4 },
   { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4 },
+  // Narrow: 8 vec4s of the kernel per K step for 64 invocations.
+  NARROW_CONV_TILES,
 ];
 /** Two vec4s of output channels per invocation (slow to compile on llvmpipe: one case). */
 const WIDE_TILES: ConvTiles = { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 };
@@ -534,6 +548,118 @@ Deno.test("conv2d on webgpu runs the implicit-GEMM program forward and for the i
       assert.ok(relErr(dx, want) < 1e-5, `dx at stride ${stride}`);
       tf.dispose([xt, wt, rt, profile.result as tf.Tensor]);
     }
+  } finally {
+    await initBackend("cpu");
+  }
+});
+
+/** tfjs's convolution kernels, which no conv2d of ddpm's may reach on webgpu. */
+const TFJS_CONVS = new Set([
+  "Conv2D",
+  "FusedConv2D",
+  "Conv2DBackpropInput",
+  "Conv2DBackpropFilter",
+]);
+
+/** Channel sums of r (a bias's gradient) in float64. */
+function channelSums(r: Float32Array, c: number): Float64Array {
+  const out = new Float64Array(c);
+  r.forEach((v, i) => out[i % c] += v);
+  return out;
+}
+
+Deno.test("conv2d and conv2dTranspose with channel counts that are not multiples of 4 run on the GEMM programs on webgpu (zero channels added), value and every gradient by the definition", async () => {
+  const got = await initBackend("webgpu");
+  if (got.backend !== "webgpu") return;
+  try {
+    const before = tf.memory().numTensors;
+    // The UNet's input and output convolutions, and odd counts both sides.
+    const convs: [Shape4, number, number][] = [
+      [[2, 6, 6, 1], 8, 1],
+      [[2, 6, 6, 8], 1, 1],
+      [[2, 7, 5, 3], 5, 2],
+      [[1, 5, 6, 6], 10, 1],
+    ];
+    for (const [i, [xs, cout, stride]] of convs.entries()) {
+      const ws: Shape4 = [3, 3, xs[3], cout];
+      const oh = outSize(xs[1], 3, stride, 1);
+      const ow = outSize(xs[2], 3, stride, 1);
+      const rs: Shape4 = [xs[0], oh, ow, cout];
+      const [x, w, b, r] = [size(xs), size(ws), cout, size(rs)].map((n, k) =>
+        randoms(n, 600 + 10 * i + k)
+      );
+      const want = naiveConv(x, xs, w, ws, r, stride, 1, b);
+      const [xt, wt, bt, rt] = [
+        tf.tensor4d(x, xs),
+        tf.tensor4d(w, ws),
+        tf.tensor1d(b),
+        tf.tensor4d(r, rs),
+      ];
+      const profile = await tf.profile(() => {
+        const y = conv2d(xt, wt, stride, 1, bt);
+        const grads = tf.grads((a: tf.Tensor, v: tf.Tensor, c: tf.Tensor) =>
+          tf.sum(
+            tf.mul(
+              conv2d(a as tf.Tensor4D, v as tf.Tensor4D, stride, 1, c),
+              rt,
+            ),
+          )
+        )([xt, wt, bt]);
+        return [y, ...grads];
+      });
+      const names = profile.kernels.map((k) => k.name);
+      const what = `conv ${JSON.stringify(xs)} -> ${cout}, stride ${stride}`;
+      assert.ok(
+        !names.some((n) => TFJS_CONVS.has(n)),
+        `${what}: ${names.join(", ")}`,
+      );
+      const outs = profile.result as tf.Tensor[];
+      const refs = [want.y, want.dx, want.dw, channelSums(r, cout)];
+      for (const [k, name] of ["y", "dx", "dw", "db"].entries()) {
+        assert.deepEqual(
+          outs[k].shape,
+          [rs, xs, ws, [cout]][k],
+          `${what} ${name} shape`,
+        );
+        const err = relErr(await outs[k].data() as Float32Array, refs[k]);
+        assert.ok(err < 1e-5, `${what} ${name}: ${err}`);
+      }
+      tf.dispose([xt, wt, bt, rt, ...outs]);
+    }
+    // The transposed convolution with three input and one output channel.
+    const xs: Shape4 = [2, 3, 4, 3];
+    const ws: Shape4 = [4, 4, 1, 3];
+    const out: Shape4 = [2, 6, 8, 1];
+    const [x, w, r] = [size(xs), size(ws), size(out)].map((n, k) =>
+      randoms(n, 700 + k)
+    );
+    const want = naiveConvT(x, xs, w, ws, r, out, 2, 1);
+    const [xt, wt, rt] = [
+      tf.tensor4d(x, xs),
+      tf.tensor4d(w, ws),
+      tf.tensor4d(r, out),
+    ];
+    const profile = await tf.profile(() => {
+      const f = (a: tf.Tensor, v: tf.Tensor) =>
+        conv2dTranspose(a as tf.Tensor4D, v as tf.Tensor4D, out, 2, 1);
+      return [
+        f(xt, wt),
+        ...tf.grads((a: tf.Tensor, v: tf.Tensor) =>
+          tf.sum(tf.mul(f(a, v), rt))
+        )(
+          [xt, wt],
+        ),
+      ];
+    });
+    const names = profile.kernels.map((k) => k.name);
+    assert.ok(!names.some((n) => TFJS_CONVS.has(n)), names.join(", "));
+    const outs = profile.result as tf.Tensor[];
+    for (const [k, ref] of [want.y, want.dx, want.dw].entries()) {
+      const err = relErr(await outs[k].data() as Float32Array, ref);
+      assert.ok(err < 1e-5, `transposed conv, output ${k}: ${err}`);
+    }
+    tf.dispose([xt, wt, rt, ...outs]);
+    assert.equal(tf.memory().numTensors, before);
   } finally {
     await initBackend("cpu");
   }

@@ -23,6 +23,7 @@ import { parseArgs } from "node:util";
 import { initBackend, tf } from "../../core/backend.ts";
 import {
   type ConvTiles,
+  NARROW_CONV_TILES,
   webgpuConv2d,
   webgpuFilterGrad,
 } from "../../core/_webgpu_conv.ts";
@@ -40,6 +41,7 @@ const TILINGS: ConvTiles[] = [
   { tm: 128, tn: 32, tk: 16, rm: 8, rn: 4 },
   { tm: 256, tn: 64, tk: 16, rm: 16, rn: 4 },
   { tm: 64, tn: 64, tk: 16, rm: 8, rn: 8 },
+  NARROW_CONV_TILES,
 ];
 
 interface Shape {
@@ -54,6 +56,9 @@ interface Shape {
 function shapes(base: number): Shape[] {
   const b = base;
   return [
+    // The one-channel input and output convolutions, padded to 4 channels.
+    { what: "in conv", hw: 32, cin: 4, cout: b, k: 3, stride: 1 },
+    { what: "out conv", hw: 32, cin: b, cout: 4, k: 3, stride: 1 },
     { what: "down1 conv", hw: 32, cin: b, cout: b, k: 3, stride: 1 },
     { what: "up1 conv1", hw: 32, cin: 3 * b, cout: b, k: 3, stride: 1 },
     { what: "up1 conv1 dx", hw: 32, cin: b, cout: 3 * b, k: 3, stride: 1 },
