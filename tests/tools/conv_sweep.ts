@@ -41,6 +41,8 @@ const TILINGS: ConvTiles[] = [
   { tm: 128, tn: 32, tk: 16, rm: 8, rn: 4 },
   { tm: 256, tn: 64, tk: 16, rm: 16, rn: 4 },
   { tm: 64, tn: 64, tk: 16, rm: 8, rn: 8 },
+  // Four times the workgroups of the default, for small batches at 8 x 8.
+  { tm: 32, tn: 32, tk: 16, rm: 4, rn: 4 },
   NARROW_CONV_TILES,
 ];
 
