@@ -494,6 +494,11 @@ export interface ConvTiles {
   tk: number;
   rm: number;
   rn: number;
+  /**
+   * Load the next K tile from memory into registers while the current one
+   * is computed (software pipelining; default false: load, then compute).
+   */
+  prefetch?: boolean;
 }
 
 /**
@@ -663,26 +668,31 @@ function convSource(
     stores.push(`} }`);
   }
   // B as it lies: rows k of [kh kw Cin, Cout], a vec4 of 4 output channels.
-  const loadB = `for (var l = 0; l < ${bLoads}; l++) {
+  const fetchB = `for (var l = 0; l < ${bLoads}; l++) {
         let e = t + l * ${threads};
         ${bLast}
         let kr = e / ${tn / 4};
         let ov = e % ${tn / 4};
         var v = vec4<f32>(0.0);
-        if (k0 + kr < kTotalP && o0v + ov < uniforms.coutV) {
-          v = w[(k0 + kr) * uniforms.coutV + o0v + ov];
+        if (kf + kr < kTotalP && o0v + ov < uniforms.coutV) {
+          v = w[(kf + kr) * uniforms.coutV + o0v + ov];
         }
-        tileB[kr * ${tn / 4} + ov] = v;
+        regB[l] = v;
+      }`;
+  const stashB = `for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        ${bLast}
+        tileB[(e / ${tn / 4}) * ${tn / 4} + e % ${tn / 4}] = regB[l];
       }`;
   // B of a kernel [kh, kw, Cout, Cin] read flipped with its channel axes
   // swapped: B[(i, j, c), o] = w[kh - 1 - i, kw - 1 - j, o, c], a vec4 of 4
   // consecutive c (rows of B) for one output channel o.
-  const flipLoadB = `for (var l = 0; l < ${bLoads}; l++) {
+  const flipFetchB = `for (var l = 0; l < ${bLoads}; l++) {
         let e = t + l * ${threads};
         ${bLast}
         let kq = e % ${tk / 4};
         let oc = e / ${tk / 4};
-        let k = k0 + kq * 4;
+        let k = kf + kq * 4;
         let o = o0v * 4 + oc;
         var v = vec4<f32>(0.0);
         if (k < kTotalP && o < uniforms.coutV * 4) {
@@ -694,12 +704,62 @@ function convSource(
             tapStride * (kwP - 1 - j);
           v = w[((tap * uniforms.coutV * 4 + o) * uniforms.cin + c) / 4];
         }
-        let row = kq * 4;
+        regB[l] = v;
+      }`;
+  const flipStashB = `for (var l = 0; l < ${bLoads}; l++) {
+        let e = t + l * ${threads};
+        ${bLast}
+        let row = (e % ${tk / 4}) * 4;
+        let oc = e / ${tk / 4};
+        let v = regB[l];
         tileB[row * ${tn / 4} + oc / 4][oc % 4] = v.x;
         tileB[(row + 1) * ${tn / 4} + oc / 4][oc % 4] = v.y;
         tileB[(row + 2) * ${tn / 4} + oc / 4][oc % 4] = v.z;
         tileB[(row + 3) * ${tn / 4} + oc / 4][oc % 4] = v.w;
       }`;
+  // A: the gathered vec4s of the K tile at kf, each row's tap and channel
+  // then advanced to the next K tile (${kq} vec4s further along: c, then j,
+  // then i), so fetches must come in order of kf.
+  const fetchA = `for (var l = 0; l < ${aLoads}; l++) {
+        let kv = (t + l * ${threads}) % ${kq};
+        var v = vec4<f32>(0.0);
+        let iy = rowY[l] + kI[l];
+        let ix = rowX[l] + kJ[l];
+        if (kf / 4 + kv < kTotalV && iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
+          v = xin[((rowBase[l] + iy) * uniforms.w + ix) * cinV + kC[l]];
+        }
+        regA[l] = v;
+        var c = kC[l] + ${kq};
+        var j = kJ[l];
+        var i = kI[l];
+        loop {
+          if (c < cinV) { break; }
+          c -= cinV;
+          j += 1;
+          if (j == kwP) { j = 0; i += 1; }
+        }
+        kC[l] = c;
+        kJ[l] = j;
+        kI[l] = i;
+      }`;
+  const stashA = `for (var l = 0; l < ${aLoads}; l++) {
+        let e = t + l * ${threads};
+        let mm = e / ${kq};
+        let col = (e % ${kq}) * 4;
+        let v = regA[l];
+        tileA[col * ${tm / 4} + mm / 4][mm % 4] = v.x;
+        tileA[(col + 1) * ${tm / 4} + mm / 4][mm % 4] = v.y;
+        tileA[(col + 2) * ${tm / 4} + mm / 4][mm % 4] = v.z;
+        tileA[(col + 3) * ${tm / 4} + mm / 4][mm % 4] = v.w;
+      }`;
+  const fetch = (kf: string) =>
+    `{
+      let kf = ${kf};
+      ${fetchA}
+      ${flip || transposed ? flipFetchB : fetchB}
+    }`;
+  const stash = `${stashA}
+      ${flip || transposed ? flipStashB : stashB}`;
   return `
   var<workgroup> tileA : array<vec4<f32>, ${tk * tm / 4}>;
   var<workgroup> tileB : array<vec4<f32>, ${tk * tn / 4}>;
@@ -743,38 +803,19 @@ function convSource(
     let kTotalV = kTotalP / 4;
 
     ${decls}
+    var regA : array<vec4<f32>, ${aLoads}>;
+    var regB : array<vec4<f32>, ${bLoads}>;
+    ${t.prefetch ? fetch("0") : ""}
     for (var k0 = 0; k0 < uniforms.kTotal; k0 += ${tk}) {
-      for (var l = 0; l < ${aLoads}; l++) {
-        let e = t + l * ${threads};
-        let mm = e / ${kq};
-        let kv = e % ${kq};
-        var v = vec4<f32>(0.0);
-        let iy = rowY[l] + kI[l];
-        let ix = rowX[l] + kJ[l];
-        if (k0 / 4 + kv < kTotalV && iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
-          v = xin[((rowBase[l] + iy) * uniforms.w + ix) * cinV + kC[l]];
-        }
-        let col = kv * 4;
-        tileA[col * ${tm / 4} + mm / 4][mm % 4] = v.x;
-        tileA[(col + 1) * ${tm / 4} + mm / 4][mm % 4] = v.y;
-        tileA[(col + 2) * ${tm / 4} + mm / 4][mm % 4] = v.z;
-        tileA[(col + 3) * ${tm / 4} + mm / 4][mm % 4] = v.w;
-        // Next K tile: ${kq} vec4s further along (c, then j, then i).
-        var c = kC[l] + ${kq};
-        var j = kJ[l];
-        var i = kI[l];
-        loop {
-          if (c < cinV) { break; }
-          c -= cinV;
-          j += 1;
-          if (j == kwP) { j = 0; i += 1; }
-        }
-        kC[l] = c;
-        kJ[l] = j;
-        kI[l] = i;
-      }
-      ${flip || transposed ? flipLoadB : loadB}
+      ${t.prefetch ? "" : fetch("k0")}
+      ${stash}
       workgroupBarrier();
+      ${
+    t.prefetch
+      ? `// The next K tile's loads, in flight while this one is computed.
+      if (k0 + ${tk} < uniforms.kTotal) ${fetch(`k0 + ${tk}`)}`
+      : ""
+  }
       for (var kk = 0; kk < ${tk}; kk++) {
         ${fmas.join("\n        ")}
       }
@@ -812,7 +853,9 @@ registerProgramKernel("DdpmConv2D", (inputs, attrs) => {
       variableComponents: bias ? [4, 4, 4] : [4, 4],
       outputComponent: 4,
       shaderKey:
-        `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}_${transposed}`,
+        `ddpmConv2D_${tm}_${tn}_${tk}_${rm}_${rn}_${bias}_${flip}_${transposed}_${
+          tiles.prefetch === true
+        }`,
       uniforms:
         "batch : i32, h : i32, w : i32, cin : i32, oh : i32, ow : i32, coutV : i32, kh : i32, kw : i32, stride : i32, padY : i32, padX : i32, mTotal : i32, kTotal : i32,",
       outputShape: [n, oh, ow, cout],

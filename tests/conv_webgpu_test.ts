@@ -445,6 +445,9 @@ const CONV_TILES: (ConvTiles | undefined)[] = [
   { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4 },
   // Narrow: 8 vec4s of the kernel per K step for 64 invocations.
   NARROW_CONV_TILES,
+  // The next K tile loaded while this one is computed.
+  { tm: 64, tn: 64, tk: 16, rm: 4, rn: 4, prefetch: true },
+  { ...NARROW_CONV_TILES, prefetch: true },
 ];
 /** Two vec4s of output channels per invocation (slow to compile on llvmpipe: one case). */
 const WIDE_TILES: ConvTiles = { tm: 64, tn: 128, tk: 16, rm: 4, rn: 8 };
@@ -717,7 +720,7 @@ Deno.test("linear on webgpu (the GEMM program forward and for dx) matches the de
   }
 });
 
-Deno.test("webgpuConv2d's transposed mode matches PyTorch's ConvTranspose2d by the definition: strides 2 and 3, output padding, a kernel smaller than the stride, two tilings", async () => {
+Deno.test("webgpuConv2d's transposed mode matches PyTorch's ConvTranspose2d by the definition: strides 2 and 3, output padding, a kernel smaller than the stride, three tilings (one prefetching)", async () => {
   const got = await initBackend("webgpu");
   if (got.backend !== "webgpu") return;
   try {
@@ -740,7 +743,7 @@ Deno.test("webgpuConv2d's transposed mode matches PyTorch's ConvTranspose2d by t
       const want = naiveConvT(x, xs, w, ws, null, ys, stride, pad).y;
       const xt = tf.tensor4d(x, xs);
       const wt = tf.tensor4d(w, ws);
-      for (const tiles of CONV_TILES.slice(0, 2)) {
+      for (const tiles of [...CONV_TILES.slice(0, 2), CONV_TILES[4]]) {
         const y = webgpuConv2d(xt, wt, {
           stride,
           padY: pad,

@@ -44,6 +44,10 @@ const TILINGS: ConvTiles[] = [
   // Four times the workgroups of the default, for small batches at 8 x 8.
   { tm: 32, tn: 32, tk: 16, rm: 4, rn: 4 },
   NARROW_CONV_TILES,
+  // The next K tile's loads in flight while the current one is computed.
+  { tm: 64, tn: 64, tk: 16, rm: 4, rn: 4, prefetch: true },
+  { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, prefetch: true },
+  { tm: 128, tn: 128, tk: 16, rm: 8, rn: 8, prefetch: true },
 ];
 
 interface Shape {

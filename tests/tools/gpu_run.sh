@@ -97,8 +97,9 @@ fi
 if [ -n "${DDPM_GPU_SWEEP:-}" ]; then
 for batch in 64 8; do
   echo "== 0. convolution tile sweep, base 64, batch $batch"
-  timeout 120 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch "$batch" \
-    --json "$out/sweep$batch.json" 2>&1 | tee "$out/sweep$batch.txt" || echo "sweep failed"
+  timeout 200 "$deno" run -A out/gpu/conv_sweep.js --base 64 --batch "$batch" \
+    --only conv --json "$out/sweep$batch.json" 2>&1 | tee "$out/sweep$batch.txt" \
+    || echo "sweep failed"
 done
 fi
 
