@@ -24,6 +24,7 @@ import { channelSum } from "./_reduce.ts";
 import {
   useWebGpuConvPadded,
   webgpuConv2d,
+  type WebGpuConvOptions,
   webgpuFilterGrad,
 } from "./_webgpu_conv.ts";
 import {
@@ -108,6 +109,31 @@ function padAxis<T extends tf.Tensor>(t: T, axis: number, size: number): T {
 /** The first `c` channels of `t` (itself when it has no more). */
 function firstChannels(t: tf.Tensor4D, c: number): tf.Tensor4D {
   return t.shape[3] === c ? t : tf.slice(t, [0, 0, 0, 0], [-1, -1, -1, c]);
+}
+
+/**
+ * {@linkcode webgpuConv2d} with every channel count padded with zeros to a
+ * multiple of 4 (the input's, both of the kernel's channel axes, the
+ * bias's), and its output cut back to the `cout` channels asked for.
+ */
+function paddedWebGpuConv(
+  x: tf.Tensor4D,
+  w: tf.Tensor4D,
+  cout: number,
+  options: WebGpuConvOptions,
+): tf.Tensor4D {
+  return tf.tidy(() => {
+    const { bias } = options;
+    const y = webgpuConv2d(
+      padAxis(x, 3, up4(x.shape[3])),
+      padAxis(padAxis(w, 2, up4(w.shape[2])), 3, up4(w.shape[3])),
+      {
+        ...options,
+        bias: bias === undefined ? undefined : padAxis(bias, 0, up4(cout)),
+      },
+    );
+    return firstChannels(y, cout);
+  });
 }
 
 /** Output size of a convolution along one axis, as PyTorch computes it. */
@@ -245,31 +271,27 @@ function adjoint(
     // channel axes swapped (read so by the program), padded by
     // kh - 1 - pad; at stride s the same per output phase, in one dispatch.
     // Channels padded with zeros to multiples of 4.
-    return tf.tidy(() =>
-      firstChannels(
-        webgpuConv2d(
-          padAxis(dy, 3, up4(cin)),
-          padAxis(padAxis(w, 2, up4(cout)), 3, up4(cin)),
-          stride === 1
-            ? {
-              stride: 1,
-              padY: kh - 1 - pad,
-              padX: kw - 1 - pad,
-              oh: outShape[1],
-              ow: outShape[2],
-              flip: true,
-            }
-            : {
-              stride,
-              padY: pad,
-              padX: pad,
-              oh: outShape[1],
-              ow: outShape[2],
-              transposed: true,
-            },
-        ),
-        cout,
-      )
+    return paddedWebGpuConv(
+      dy,
+      w,
+      cout,
+      stride === 1
+        ? {
+          stride: 1,
+          padY: kh - 1 - pad,
+          padX: kw - 1 - pad,
+          oh: outShape[1],
+          ow: outShape[2],
+          flip: true,
+        }
+        : {
+          stride,
+          padY: pad,
+          padX: pad,
+          oh: outShape[1],
+          ow: outShape[2],
+          transposed: true,
+        },
     );
   }
   if (tf.getBackend() !== "wasm") {
@@ -547,26 +569,17 @@ export function convForward(
   pad: number,
   bias?: tf.Tensor,
 ): tf.Tensor4D {
-  const [kh, kw, cin, cout] = w.shape;
+  const [kh, kw, , cout] = w.shape;
   if (useWebGpuConvPadded()) {
     // Channels padded with zeros to multiples of 4.
-    return tf.tidy(() =>
-      firstChannels(
-        webgpuConv2d(
-          padAxis(x, 3, up4(cin)),
-          padAxis(padAxis(w, 2, up4(cin)), 3, up4(cout)),
-          {
-            stride,
-            padY: pad,
-            padX: pad,
-            oh: convOutSize(x.shape[1], kh, stride, pad),
-            ow: convOutSize(x.shape[2], kw, stride, pad),
-            bias: bias === undefined ? undefined : padAxis(bias, 0, up4(cout)),
-          },
-        ),
-        cout,
-      )
-    );
+    return paddedWebGpuConv(x, w, cout, {
+      stride,
+      padY: pad,
+      padX: pad,
+      oh: convOutSize(x.shape[1], kh, stride, pad),
+      ow: convOutSize(x.shape[2], kw, stride, pad),
+      bias,
+    });
   }
   if (stride === 1 && pad === 1) {
     const y = wasmConv3x3(x, w, { bias });

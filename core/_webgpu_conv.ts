@@ -91,6 +91,42 @@ function plan(m: number, cout: number, k: number, chunk?: number) {
   return { tm, tn, chunk: len, parts: Math.ceil(k / len) };
 }
 
+/**
+ * WGSL staging one row of the weight gradient's input tile: into `v`, the
+ * value `load` (an expression of nq, iy, ix) at the output pixel (rowN,
+ * rowY, rowX)[i] moved by the invocation's tap (di, dj) through the stride,
+ * `zero` outside the image or where `ok` fails; then that row advanced TK
+ * rows further along K = (n, y, x), without division.
+ */
+function stageRow(i: string, zero: string, ok: string, load: string): string {
+  return `var v = ${zero};
+        var xq = rowX[${i}];
+        var yq = rowY[${i}];
+        let nq = rowN[${i}];
+        if (${ok}) {
+          let iy = yq * uniforms.stride + di;
+          let ix = xq * uniforms.stride + dj;
+          if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
+            v = ${load};
+          }
+        }
+        xq += ${TK};
+        loop {
+          if (xq < uniforms.ow) { break; }
+          xq -= uniforms.ow;
+          yq += 1;
+        }
+        var nNext = nq;
+        loop {
+          if (yq < uniforms.oh) { break; }
+          yq -= uniforms.oh;
+          nNext += 1;
+        }
+        rowX[${i}] = xq;
+        rowY[${i}] = yq;
+        rowN[${i}] = nNext;`;
+}
+
 function partialSource(tm: number, tn: number): string {
   const rm = tm / 4;
   const rn = tn / 4;
@@ -170,32 +206,14 @@ function partialSource(tm: number, tn: number): string {
       for (var r = 0; r < ${aPer}; r++) {
         let kr = ak + r * ${aRows};
         let k = k0 + kr;
-        var v = 0.0;
-        var xq = rowX[r];
-        var yq = rowY[r];
-        let nq = rowN[r];
-        if (mOk && k < kEnd) {
-          let iy = yq * uniforms.stride + di;
-          let ix = xq * uniforms.stride + dj;
-          if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
-            v = xin[((nq * uniforms.h + iy) * uniforms.w + ix) * uniforms.cin + c];
-          }
-        }
-        xq += TK;
-        loop {
-          if (xq < uniforms.ow) { break; }
-          xq -= uniforms.ow;
-          yq += 1;
-        }
-        var nNext = nq;
-        loop {
-          if (yq < uniforms.oh) { break; }
-          yq -= uniforms.oh;
-          nNext += 1;
-        }
-        rowX[r] = xq;
-        rowY[r] = yq;
-        rowN[r] = nNext;
+        ${
+    stageRow(
+      "r",
+      "0.0",
+      "mOk && k < kEnd",
+      "xin[((nq * uniforms.h + iy) * uniforms.w + ix) * uniforms.cin + c]",
+    )
+  }
         tileA[kr * TM + am] = v;
       }
       for (var r = 0; r < ${TK / bRows}; r++) {
@@ -297,33 +315,15 @@ function partialSourceVec4(tm: number, tn: number): string {
       let k0 = kStart + it * ${TK};
       for (var l = 0; l < ${aLoads}; l++) {
         let kr = t / ${gy} + l * ${threads / gy};
-        var v = vec4<f32>(0.0);
-        var xq = rowX[l];
-        var yq = rowY[l];
-        let nq = rowN[l];
-        if (mOk && k0 + kr < kEnd) {
-          let iy = yq * uniforms.stride + di;
-          let ix = xq * uniforms.stride + dj;
-          if (iy >= 0 && iy < uniforms.h && ix >= 0 && ix < uniforms.w) {
-            v = xin[((nq * uniforms.h + iy) * uniforms.w + ix) * cinV + cv];
-          }
-        }
+        ${
+    stageRow(
+      "l",
+      "vec4<f32>(0.0)",
+      "mOk && k0 + kr < kEnd",
+      "xin[((nq * uniforms.h + iy) * uniforms.w + ix) * cinV + cv]",
+    )
+  }
         tileA[kr * ${gy} + av] = v;
-        xq += ${TK};
-        loop {
-          if (xq < uniforms.ow) { break; }
-          xq -= uniforms.ow;
-          yq += 1;
-        }
-        var nNext = nq;
-        loop {
-          if (yq < uniforms.oh) { break; }
-          yq -= uniforms.oh;
-          nNext += 1;
-        }
-        rowX[l] = xq;
-        rowY[l] = yq;
-        rowN[l] = nNext;
       }
       for (var l = 0; l < ${bLoads}; l++) {
         let e = t + l * ${threads};

@@ -178,3 +178,30 @@ export function safetensorsData(bytes: Uint8Array): Uint8Array {
   );
   return bytes.subarray(8 + header);
 }
+
+/**
+ * A hand-checked case of sums over an NHWC tensor's spatial axes:
+ * x[n, h, w, c] = 1000 n + 100 h + 10 w + c of shape [2, 3, 2, 3], and per
+ * (n, c) the sum over h (0..2) and w (0..1), 6 (1000 n + c) + 2 * 300 + 3 * 10.
+ */
+export function spatialSumByHand(): {
+  x: number[];
+  shape: [number, number, number, number];
+  want: number[];
+} {
+  const shape: [number, number, number, number] = [2, 3, 2, 3];
+  const [n, h, w, c] = shape;
+  const x: number[] = [];
+  for (let a = 0; a < n; a++) {
+    for (let b = 0; b < h; b++) {
+      for (let d = 0; d < w; d++) {
+        for (let e = 0; e < c; e++) x.push(1000 * a + 100 * b + 10 * d + e);
+      }
+    }
+  }
+  const want: number[] = [];
+  for (let a = 0; a < n; a++) {
+    for (let e = 0; e < c; e++) want.push(6 * (1000 * a + e) + 600 + 30);
+  }
+  return { x, shape, want };
+}

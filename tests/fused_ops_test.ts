@@ -9,7 +9,7 @@ import {
   resBlock,
   type ResBlockParams,
 } from "../core/_resblock.ts";
-import { groupNormF64, randoms } from "./_util.ts";
+import { groupNormF64, randoms, spatialSumByHand } from "./_util.ts";
 
 await initBackend("cpu");
 
@@ -135,24 +135,11 @@ Deno.test("groupNormSilu is silu of a float64 GroupNorm by hand", () => {
 });
 
 Deno.test("spatialSum and channelSum add over the outer axes, by hand", () => {
-  // x[n, h, w, c] = 1000 n + 100 h + 10 w + c.
-  const [n, h, w, c] = [2, 3, 2, 3];
-  const xs: number[] = [];
-  for (let a = 0; a < n; a++) {
-    for (let b = 0; b < h; b++) {
-      for (let d = 0; d < w; d++) {
-        for (let e = 0; e < c; e++) xs.push(1000 * a + 100 * b + 10 * d + e);
-      }
-    }
-  }
-  const x = tf.tensor4d(xs, [n, h, w, c]);
+  const { x: xs, shape, want } = spatialSumByHand();
+  const [n, , , c] = shape;
+  const x = tf.tensor4d(xs, shape);
   const s = spatialSum(x);
   assert.deepEqual(s.shape, [n, 1, 1, c]);
-  // Over h (0..2) and w (0..1): 6 (1000 n + e) + 2 * 300 + 3 * 10.
-  const want: number[] = [];
-  for (let a = 0; a < n; a++) {
-    for (let e = 0; e < c; e++) want.push(6 * (1000 * a + e) + 600 + 30);
-  }
   // (An average pool times the window on wasm and cpu: exact up to rounding.)
   assert.ok(maxRel(s.dataSync(), want) < 1e-6);
   const t = channelSum(x);

@@ -13,7 +13,7 @@ import {
   MAX_PARTS,
   webgpuColumnSums,
 } from "../core/_webgpu_reduce.ts";
-import { randoms, relErr } from "./_util.ts";
+import { randoms, relErr, spatialSumByHand } from "./_util.ts";
 
 /** Column sums of each run in float64. */
 function sumsF64(
@@ -82,23 +82,12 @@ Deno.test("spatialSum and channelSum on webgpu: by hand, and a batch of 64 x 32 
   const got = await initBackend("webgpu");
   if (got.backend !== "webgpu") return;
   try {
-    // x[n, h, w, c] = 1000 n + 100 h + 10 w + c (as fused_ops_test's cpu case).
-    const [n, h, w, c] = [2, 3, 2, 3];
-    const xs: number[] = [];
-    for (let a = 0; a < n; a++) {
-      for (let b = 0; b < h; b++) {
-        for (let d = 0; d < w; d++) {
-          for (let e = 0; e < c; e++) xs.push(1000 * a + 100 * b + 10 * d + e);
-        }
-      }
-    }
-    const x = tf.tensor4d(xs, [n, h, w, c]);
+    // The hand-checked case of fused_ops_test.ts, here exact.
+    const { x: xs, shape: hand, want } = spatialSumByHand();
+    const [n, , , c] = hand;
+    const x = tf.tensor4d(xs, hand);
     const s = spatialSum(x);
     assert.deepEqual(s.shape, [n, 1, 1, c]);
-    const want: number[] = [];
-    for (let a = 0; a < n; a++) {
-      for (let e = 0; e < c; e++) want.push(6 * (1000 * a + e) + 600 + 30);
-    }
     assert.deepEqual([...await s.data()], want);
     const t = channelSum(x);
     assert.deepEqual(t.shape, [c]);

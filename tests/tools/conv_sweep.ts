@@ -12,9 +12,10 @@
  * deno run -A tests/tools/conv_sweep.ts [--batch 64] [--base 64] [--reps 9] [--tilings N] [--only conv|wgrad] [--json out.json]
  * ```
  *
- * Timing: after a warm-up call (which compiles the shader), the median GPU
- * time of `--reps` calls as `tf.profile` reads it from timestamp queries
- * (the adapter must offer `timestamp-query`). Needs a WebGPU adapter; on
+ * Timing: after a warm-up call (which compiles the shader), the GPU time of
+ * a call as `tf.profile` reads it from timestamp queries, each of its
+ * kernels' median over `--reps` calls, summed (the adapter must offer
+ * `timestamp-query`). Needs a WebGPU adapter; on
  * llvmpipe use a small batch.
  *
  * @module
@@ -77,33 +78,6 @@ function shapes(base: number): Shape[] {
     { what: "mid1 conv1", hw: 8, cin: 2 * b, cout: 4 * b, k: 3, stride: 1 },
     { what: "mid conv2", hw: 8, cin: 4 * b, cout: 4 * b, k: 3, stride: 1 },
   ];
-}
-
-/**
- * Seconds per call on the GPU: the median of the kernel times that
- * `tf.profile` reads from timestamp queries over `reps` calls, after a
- * warm-up call.
- */
-async function timeIt(f: () => tf.Tensor, reps: number): Promise<number> {
-  const warm = f();
-  await warm.data();
-  warm.dispose();
-  const info = await tf.profile(() => {
-    for (let i = 0; i < reps; i++) f().dispose();
-    return tf.scalar(0);
-  });
-  const ms: number[] = [];
-  for (const k of info.kernels) {
-    const t = await k.kernelTimeMs;
-    if (typeof t === "number") ms.push(t);
-  }
-  if (ms.length < reps) {
-    throw new Error(
-      `conv_sweep: the adapter gave no kernel times (got ${ms.length} for ${reps} calls, expected timestamp-query)`,
-    );
-  }
-  ms.sort((a, b) => a - b);
-  return ms[ms.length >> 1] / 1000;
 }
 
 /**
@@ -235,7 +209,7 @@ async function main(): Promise<number> {
     const tfjs = () =>
       tf.conv2d(x as tf.Tensor4D, w as tf.Tensor4D, s.stride, padding);
     const ref = tfjs();
-    const tTfjs = await timeIt(tfjs, reps);
+    const tTfjs = await timeSum(tfjs, reps);
     const per: number[] = [];
     let worst = 0;
     for (const tiles of tilings) {
@@ -253,7 +227,7 @@ async function main(): Promise<number> {
         (await tf.max(tf.abs(ref)).data())[0];
       worst = Math.max(worst, err);
       y.dispose();
-      per.push(await timeIt(ours, reps));
+      per.push(await timeSum(ours, reps));
     }
     tf.dispose([x, w, ref]);
     const tf_ = (t: number) => (flops / t / 1e12).toFixed(2);
