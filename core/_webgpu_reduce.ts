@@ -239,6 +239,7 @@ export function webgpuColumnSums(
       `Cannot sum columns: rows are not a whole number of runs (got ${rows} rows, ${segments} runs, expected a positive divisor of the rows)`,
     );
   }
+  if (rows === 0 || c === 0) return tf.zeros([segments, c]);
   return tf.tidy(() =>
     sumPartials(
       tf.engine().runKernel("DdpmColumnSums", { x }, { segments }) as tf.Tensor,

@@ -66,6 +66,12 @@ Deno.test("webgpuColumnSums matches float64 column sums: ragged column tiles, ru
       tf.dispose([x, s]);
     }
     assert.ok(split >= 3, `only ${split} cases were split into parts`);
+    // No rows: zero sums.
+    const none = tf.zeros([0, 3]) as tf.Tensor2D;
+    const zero = webgpuColumnSums(none, 2);
+    assert.deepEqual(zero.shape, [2, 3]);
+    assert.deepEqual([...await zero.data()], [0, 0, 0, 0, 0, 0]);
+    tf.dispose([none, zero]);
     const odd = tf.zeros([5, 2]) as tf.Tensor2D;
     assert.throws(
       () => webgpuColumnSums(odd, 2),
