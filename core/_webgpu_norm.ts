@@ -18,7 +18,7 @@ import {
   COLUMN_UNIFORMS,
   columnPlan,
   columnProgram,
-  sumPartials,
+  finishColumnSums,
 } from "./_webgpu_reduce.ts";
 
 /** Invocations per workgroup of the reducing programs (a power of two). */
@@ -295,9 +295,9 @@ export function gpuNormAct(
 
 /**
  * The gradients of {@linkcode gpuNormAct} (with the statistics' dependence
- * on x) on WebGPU, three to five dispatches: dx (one workgroup per (image,
- * group)), dgamma and dbeta (column sums over the pixels, each with a
- * second dispatch that adds its parts where it has several).
+ * on x) on WebGPU, three to seven dispatches: dx (one workgroup per (image,
+ * group)), dgamma and dbeta (column sums over the pixels, each in one to
+ * three dispatches: its parts, then the sums of their partial sums).
  *
  * @param x `[N, H, W, C]`.
  * @param stats From {@linkcode gpuNormStats}.
@@ -325,7 +325,7 @@ export function gpuNormGrad(
   };
   const param = (which: number) =>
     tf.tidy(() =>
-      sumPartials(run("DdpmNormGradParam", which) as tf.Tensor, [
+      finishColumnSums(run("DdpmNormGradParam", which) as tf.Tensor, [
         x.shape[3],
       ]) as tf.Tensor1D
     );

@@ -10,11 +10,16 @@
  * are `lanes = 256 / cw` rows by `cw` columns, so that neighbouring
  * invocations read neighbouring floats of a row (one wide, coalesced read
  * per row instead of one strided read per channel), each lane walks down
- * every `lanes`-th row, and the lanes are added in workgroup memory. Runs
- * long enough for it are split into parts (a few hundred to a thousand
- * workgroups in all, at most {@linkcode MAX_PARTS}), whose partial sums
- * `DdpmSplitKSum` adds in a fixed order; all sums are in a fixed order, so
- * the results do not change from call to call.
+ * every `lanes`-th row (four rows at a time into four sums, so that four
+ * loads are in flight), and the lanes are added in workgroup memory. Runs
+ * long enough for it are split into parts (up to about a thousand
+ * workgroups in all, each lane reading at least 16 rows): a GPU hides a
+ * load's latency only across many invocations, and a long serial loop per
+ * invocation waits on each load in turn. The partial sums `[parts, runs,
+ * C]` are again column sums, of a `[parts, runs C]` matrix, taken the same
+ * way until one part is left (two or three dispatches for a whole batch).
+ * All sums are in a fixed order, so the results do not change from call to
+ * call.
  *
  * @module
  */
@@ -30,8 +35,6 @@ import {
 const WG = 256;
 /** Workgroups to aim for. */
 const TARGET_WORKGROUPS = 1024;
-/** At most this many parts per run (the final sum loops over them). */
-export const MAX_PARTS = 32;
 /** The fewest rows per lane in a part. */
 const MIN_ROWS_PER_LANE = 16;
 
@@ -70,7 +73,7 @@ export function columnPlan(
   const seg = rows / segments;
   const wanted = Math.ceil(TARGET_WORKGROUPS / (colTiles * segments));
   const longest = Math.floor(seg / (lanes * MIN_ROWS_PER_LANE));
-  const parts = Math.max(1, Math.min(wanted, longest, MAX_PARTS));
+  const parts = Math.max(1, Math.min(wanted, longest));
   const partLen = Math.max(1, Math.ceil(seg / parts));
   return { cw, lanes, colTiles, parts: Math.ceil(seg / partLen), partLen };
 }
@@ -89,7 +92,7 @@ export const COLUMN_UNIFORMS =
  * @param valueFn WGSL defining `fn columnValue(r : i32, col : i32) -> f32`,
  *   the value summed at row r and column col.
  * @param shape The result's shape when there is one part (else the result
- *   is `[parts, segments, c]` partial sums, for {@linkcode sumPartials}).
+ *   is `[parts, segments, c]` partial sums, for {@linkcode finishColumnSums}).
  * @returns Frame, WGSL and the leading uniforms (append your own).
  */
 export function columnProgram(
@@ -120,13 +123,27 @@ export function columnProgram(
     let runStart = run * uniforms.seg;
     let r0 = runStart + part * uniforms.partLen;
     let r1 = min(r0 + uniforms.partLen, runStart + uniforms.seg);
-    var s = 0.0;
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var s3 = 0.0;
     if (col < uniforms.c) {
-      for (var r = r0 + lane; r < r1; r += ${lanes}) {
-        s += columnValue(r, col);
+      var r = r0 + lane;
+      loop {
+        if (r + ${3 * lanes} >= r1) { break; }
+        s0 += columnValue(r, col);
+        s1 += columnValue(r + ${lanes}, col);
+        s2 += columnValue(r + ${2 * lanes}, col);
+        s3 += columnValue(r + ${3 * lanes}, col);
+        r += ${4 * lanes};
+      }
+      loop {
+        if (r >= r1) { break; }
+        s0 += columnValue(r, col);
+        r += ${lanes};
       }
     }
-    colRed[lid] = s;
+    colRed[lid] = (s0 + s1) + (s2 + s3);
     workgroupBarrier();
     for (var half = ${lanes >> 1}; half > 0; half = half >> 1u) {
       if (lane < half) { colRed[lid] += colRed[lid + half * ${cw}]; }
@@ -214,6 +231,27 @@ export function sumPartials(partial: tf.Tensor, shape: number[]): tf.Tensor {
 }
 
 /**
+ * The result of a column reduction's program: its output when it ran in
+ * one part, else the column sums of its partial sums `[parts, ...shape]`
+ * (with {@linkcode webgpuColumnSums}, itself split where there are many).
+ *
+ * @param partial The program's output.
+ * @param shape The result's shape.
+ * @returns The result (a new tensor, or `partial` itself).
+ */
+export function finishColumnSums(
+  partial: tf.Tensor,
+  shape: number[],
+): tf.Tensor {
+  if (partial.rank === shape.length) return partial;
+  return tf.tidy(() => {
+    const rows = partial.shape[0];
+    const flat = tf.reshape(partial, [rows, partial.size / rows]);
+    return tf.reshape(webgpuColumnSums(flat as tf.Tensor2D, 1), shape);
+  });
+}
+
+/**
  * Column sums of each of `segments` equal runs of rows of `x` on WebGPU:
  * `out[s, c] = sum over r in run s of x[r, c]`.
  *
@@ -241,7 +279,7 @@ export function webgpuColumnSums(
   }
   if (rows === 0 || c === 0) return tf.zeros([segments, c]);
   return tf.tidy(() =>
-    sumPartials(
+    finishColumnSums(
       tf.engine().runKernel("DdpmColumnSums", { x }, { segments }) as tf.Tensor,
       [segments, c],
     ) as tf.Tensor2D
