@@ -205,11 +205,27 @@ registerProgramKernel("DdpmSplitKSum", (inputs, attrs) => {
       getUserCode: () => `
   fn main(index : i32) {
     if (index < uniforms.size) {
-      var acc = 0.0;
-      for (var s = 0; s < uniforms.parts; s++) {
-        acc += partial[s * uniforms.size + index];
+      // Four parts at a time into four sums: four loads in flight.
+      let n = uniforms.size;
+      var a0 = 0.0;
+      var a1 = 0.0;
+      var a2 = 0.0;
+      var a3 = 0.0;
+      var s = 0;
+      loop {
+        if (s + 3 >= uniforms.parts) { break; }
+        a0 += partial[s * n + index];
+        a1 += partial[(s + 1) * n + index];
+        a2 += partial[(s + 2) * n + index];
+        a3 += partial[(s + 3) * n + index];
+        s += 4;
       }
-      setOutputAtIndex(index, acc);
+      loop {
+        if (s >= uniforms.parts) { break; }
+        a0 += partial[s * n + index];
+        s += 1;
+      }
+      setOutputAtIndex(index, (a0 + a1) + (a2 + a3));
     }
   }`,
     },
@@ -219,7 +235,8 @@ registerProgramKernel("DdpmSplitKSum", (inputs, attrs) => {
 
 /**
  * A program's result of the given shape: itself when it has that rank, else
- * (partial sums `[parts, ...]`) the sum of its parts in order, one dispatch.
+ * (partial sums `[parts, ...]`) the sum of its parts in a fixed order (four
+ * interleaved sums), one dispatch.
  *
  * @param partial The program's output.
  * @param shape The result's shape.
