@@ -44,6 +44,40 @@ const REDUCE = `
 `;
 
 /**
+ * WGSL of a loop over i = lid, lid + WG, ... below `count`, four indices at a
+ * time and then the rest one by one: `body(i, slot)` is WGSL for index
+ * expression `i` (slot 0-3 within the four; 0 for the rest), so that four
+ * loads are in flight where a plain loop would wait on each in turn.
+ */
+function strided4(
+  count: string,
+  body: (i: string, slot: number) => string,
+): string {
+  const four = [0, 1, 2, 3].map((q) =>
+    `{ let i = i4 + ${q * WG}; ${body("i", q)} }`
+  );
+  return `var i4 = lid;
+    loop {
+      if (i4 + ${3 * WG} >= ${count}) { break; }
+      ${four.join("\n      ")}
+      i4 += ${4 * WG};
+    }
+    loop {
+      if (i4 >= ${count}) { break; }
+      { let i = i4; ${body("i", 0)} }
+      i4 += ${WG};
+    }`;
+}
+
+/** WGSL: the flat index of element i of a group (per channels, from `base`). */
+const GROUP_AT = `
+  fn groupAt(base : i32, i : i32, per : i32) -> i32 {
+    let p = i / per;
+    return base + p * uniforms.c + i - p * per;
+  }
+`;
+
+/**
  * WGSL: the gradient w.r.t. the norm's output y = gamma xhat + beta and
  * xhat itself, from x, dz (the gradient of z = silu(y) when `act`, else of y)
  * and the group's (mean, r).
@@ -89,6 +123,7 @@ registerProgramKernel("DdpmNormStats", (inputs, attrs) => {
       ...flatFrame([n, groups, 2], n * groups * WG, WG),
       getUserCode: () => `
   ${REDUCE}
+  ${GROUP_AT}
   fn main(index : i32) {
     let lid = i32(localId.x);
     let grp = index / ${WG};
@@ -96,19 +131,22 @@ registerProgramKernel("DdpmNormStats", (inputs, attrs) => {
     let count = uniforms.hw * per;
     let base = (grp / uniforms.groups) * uniforms.hw * uniforms.c +
       (grp % uniforms.groups) * per;
-    var s = 0.0;
-    for (var i = lid; i < count; i = i + ${WG}) {
-      let p = i / per;
-      s = s + x[base + p * uniforms.c + i - p * per];
+    var s = vec4<f32>(0.0);
+    {
+    ${strided4("count", (i, q) => `s[${q}] += x[groupAt(base, ${i}, per)];`)}
     }
-    let mean = groupSum(s, lid) / f32(count);
-    var q = 0.0;
-    for (var i = lid; i < count; i = i + ${WG}) {
-      let p = i / per;
-      let d = x[base + p * uniforms.c + i - p * per] - mean;
-      q = q + d * d;
+    let mean = groupSum((s.x + s.y) + (s.z + s.w), lid) / f32(count);
+    var sq = vec4<f32>(0.0);
+    {
+    ${
+        strided4(
+          "count",
+          (i, q) =>
+            `let d = x[groupAt(base, ${i}, per)] - mean; sq[${q}] += d * d;`,
+        )
+      }
     }
-    let v = groupSum(q, lid) / f32(count);
+    let v = groupSum((sq.x + sq.y) + (sq.z + sq.w), lid) / f32(count);
     if (lid == 0) {
       setOutputAtIndex(grp * 2, mean);
       setOutputAtIndex(grp * 2 + 1, 1.0 / sqrt(v + uniforms.eps));
@@ -180,24 +218,31 @@ registerProgramKernel("DdpmNormGradX", (inputs, attrs) => {
     let mean = stats[grp * 2];
     let r = stats[grp * 2 + 1];
     // Sums over the group of gamma dy and gamma dy xhat.
-    var acc = vec2<f32>(0.0, 0.0);
-    for (var i = lid; i < count; i = i + ${WG}) {
-      let p = i / per;
-      let k = i - p * per;
-      let at = base + p * uniforms.c + k;
-      let d = dyXhat(x[at], dz[at], c0 + k, mean, r);
-      let gdy = gamma[c0 + k] * d.x;
-      acc = acc + vec2<f32>(gdy, gdy * d.y);
+    var acc : array<vec2<f32>, 4>;
+    {
+    ${
+        strided4("count", (i, q) =>
+          `let p = ${i} / per;
+        let k = ${i} - p * per;
+        let at = base + p * uniforms.c + k;
+        let d = dyXhat(x[at], dz[at], c0 + k, mean, r);
+        let gdy = gamma[c0 + k] * d.x;
+        acc[${q}] += vec2<f32>(gdy, gdy * d.y);`)
+      }
     }
-    let sums = groupSum2(acc, lid) / f32(count);
+    let sums = groupSum2((acc[0] + acc[1]) + (acc[2] + acc[3]), lid) /
+      f32(count);
     // dx = dy (r gamma) - xhat (r b) - r a, a and b the group means.
-    for (var i = lid; i < count; i = i + ${WG}) {
-      let p = i / per;
-      let k = i - p * per;
-      let at = base + p * uniforms.c + k;
-      let d = dyXhat(x[at], dz[at], c0 + k, mean, r);
-      setOutputAtIndex(at,
-        d.x * (r * gamma[c0 + k]) - d.y * (r * sums.y) - r * sums.x);
+    {
+    ${
+        strided4("count", (i) =>
+          `let p = ${i} / per;
+        let k = ${i} - p * per;
+        let at = base + p * uniforms.c + k;
+        let d = dyXhat(x[at], dz[at], c0 + k, mean, r);
+        setOutputAtIndex(at,
+          d.x * (r * gamma[c0 + k]) - d.y * (r * sums.y) - r * sums.x);`)
+      }
     }
   }`,
     },
