@@ -2,14 +2,20 @@
  * Reductions over the outer axes of NHWC tensors. tfjs's wasm `Sum` over
  * non-innermost axes transposes first and costs several times more; a
  * global average pool (XNNPACK's, one SIMD pass over the channels) is 4-5x
- * cheaper on wasm. On WebGPU both are column sums of ours
- * (core/_webgpu_reduce.ts): a product with a row of ones, as before, read
- * about 175 GB/s on an H100.
+ * cheaper on wasm. On WebGPU both are column sums of ours over the pixels
+ * (core/_webgpu_reduce.ts); the product with a row of ones they replace
+ * read about 175 GB/s on an H100.
  *
  * @module
  */
 import { tf } from "./backend.ts";
 import { webgpuColumnSums } from "./_webgpu_reduce.ts";
+
+/** On WebGPU: the column sums of x's pixels `[N H W, C]`, in `runs` equal runs. */
+function gpuPixelSums(x: tf.Tensor4D, runs: number): tf.Tensor2D {
+  const [n, h, w, c] = x.shape;
+  return webgpuColumnSums(tf.reshape(x, [n * h * w, c]), runs);
+}
 
 /**
  * Per-(image, channel) sums over the spatial axes.
@@ -32,8 +38,7 @@ export function spatialSum(x: tf.Tensor4D): tf.Tensor4D {
     if (tf.getBackend() !== "webgpu") {
       return tf.mul(tf.avgPool(x, [h, w], 1, "valid"), h * w);
     }
-    const sums = webgpuColumnSums(tf.reshape(x, [n * h * w, c]), n);
-    return tf.reshape(sums, [n, 1, 1, c]);
+    return tf.reshape(gpuPixelSums(x, n), [n, 1, 1, c]);
   });
 }
 
@@ -54,11 +59,8 @@ export function spatialSum(x: tf.Tensor4D): tf.Tensor4D {
  */
 export function channelSum(x: tf.Tensor4D): tf.Tensor1D {
   return tf.tidy(() => {
-    const [n, h, w, c] = x.shape;
     if (tf.getBackend() === "webgpu") {
-      return tf.reshape(webgpuColumnSums(tf.reshape(x, [n * h * w, c]), 1), [
-        c,
-      ]);
+      return tf.reshape(gpuPixelSums(x, 1), [-1]);
     }
     return tf.reshape(tf.sum(spatialSum(x), [0, 1, 2]), [-1]);
   });
